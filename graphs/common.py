@@ -1,0 +1,47 @@
+"""Building blocks shared by Ferry's Cells: norms, projections and activations.
+
+Legend: T tokens in a launch, H hidden, D any feature width.
+Weights arrive in the HF `[out, in]` layout and are multiplied with `transpose_b=True`, so no
+weight is ever transposed (copied) at run time.
+"""
+from mindspore import nn, ops
+
+
+class Linear(nn.Cell):
+    """y = x @ w.T for x [T, in] and w [out, in], without copying w."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x, weight):
+        return self.matmul(x, weight)  # [T, out]
+
+
+def rms_norm(x, weight, eps: float):
+    """Qwen3.5 RMSNorm: scales by (1 + weight), computed in FP32."""
+    variance = ops.mean(x * x, -1, keep_dims=True)  # [..., 1]
+    return x * ops.rsqrt(variance + eps) * (1.0 + weight)  # [..., D]
+
+
+def gated_rms_norm(x, gate, weight, eps: float):
+    """DeltaNet output norm: plain `weight` scale (not 1 + w), then a SiLU gate."""
+    variance = ops.mean(x * x, -1, keep_dims=True)
+    return x * ops.rsqrt(variance + eps) * weight * ops.silu(gate)
+
+
+def l2_normalize(x, eps: float = 1e-6):
+    """Matches FLA's l2norm: x / sqrt(sum(x^2) + eps)."""
+    return x * ops.rsqrt(ops.sum(x * x, -1, keepdim=True) + eps)
+
+
+class SwiGLU(nn.Cell):
+    """down(silu(gate(x)) * up(x)) with separate gate and up weights (the shared expert)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = Linear()
+
+    def construct(self, x, gate, up, down):
+        hidden = ops.silu(self.linear(x, gate)) * self.linear(x, up)  # [T, I]
+        return self.linear(hidden, down)  # [T, H]

@@ -1,0 +1,21 @@
+"""Token embedding and the output head. Legend: T tokens, V vocabulary, H hidden."""
+from mindspore import nn, ops
+
+from graphs.common import Linear, rms_norm
+
+
+class Embedding(nn.Cell):
+    def construct(self, ids, table):
+        return ops.gather(table, ids, 0)  # [T] -> [T, H]
+
+
+class Head(nn.Cell):
+    """Final (1 + w) RMSNorm and the vocabulary projection."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.linear = Linear()
+
+    def construct(self, h, final_norm, lm_head):
+        return self.linear(rms_norm(h, final_norm, self.eps), lm_head)  # [T, V]

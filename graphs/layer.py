@@ -1,0 +1,74 @@
+"""One decoder layer up to the routed experts: norm, token mixer, residual, norm, router, shared expert.
+
+Legend: T tokens in the launch, H hidden, K experts per token.
+
+Each launch returns `partial` = residual + mixer + shared expert, the normed input `x_moe` the
+routed experts consume, and the router's top-K weights and expert ids; the host adds the routed
+experts' weighted outputs to `partial`. Weights arrive as trailing positional inputs ordered by
+`*_WEIGHTS`, so one compiled graph serves every layer of the same kind. (Not as one tuple: MindSpore
+folds a tuple argument into the graph as a constant and would recompile for every layer.)
+"""
+from mindspore import nn
+
+from graphs.attention import GatedAttention
+from graphs.common import rms_norm
+from graphs.deltanet import GatedDeltaNet
+from graphs.moe import Router, SharedExpert
+
+MOE_WEIGHTS = ("post_attn_norm", "router", "shared_gate", "shared_up", "shared_down", "shared_expert_gate")
+ATTENTION_WEIGHTS = ("input_norm", "q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm") + MOE_WEIGHTS
+DELTANET_WEIGHTS = (
+    "input_norm", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "conv1d", "A_log", "dt_bias", "norm",
+    "out_proj",
+) + MOE_WEIGHTS
+
+
+class MoEInput(nn.Cell):
+    """Post-mixer half: residual add, norm, router and shared expert."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.eps = spec.rms_norm_eps
+        self.router = Router(spec.num_experts_per_tok)
+        self.shared = SharedExpert()
+
+    def construct(self, residual, mixed, post_norm, router, gate, up, down, shared_gate):
+        h = residual + mixed  # [T, H]
+        x_moe = rms_norm(h, post_norm, self.eps)  # [T, H]
+        weights, experts = self.router(x_moe, router)  # [T, K], [T, K]
+        partial = h + self.shared(x_moe, gate, up, down, shared_gate)  # [T, H]
+        return partial, x_moe, weights, experts
+
+
+class AttentionLayer(nn.Cell):
+    """Full-attention layer. State: the KV cache (read only; new keys and values are returned)."""
+
+    def __init__(self, spec, tokens: int, cache_size: int):
+        super().__init__()
+        self.eps = spec.rms_norm_eps
+        self.attention = GatedAttention(spec, tokens, cache_size)
+        self.moe_input = MoEInput(spec)
+
+    def construct(self, h, cos, sin, k_cache, v_cache, cache_len, *w):
+        x = rms_norm(h, w[0], self.eps)
+        mixed, key, value = self.attention(x, w[1], w[2], w[3], w[4], w[5], w[6], cos, sin, k_cache, v_cache,
+                                           cache_len)
+        partial, x_moe, weights, experts = self.moe_input(h, mixed, w[7], w[8], w[9], w[10], w[11], w[12])
+        return partial, x_moe, weights, experts, key, value
+
+
+class DeltaNetLayer(nn.Cell):
+    """Linear-attention layer. State: conv state and recurrent state, returned updated."""
+
+    def __init__(self, spec, tokens: int):
+        super().__init__()
+        self.eps = spec.rms_norm_eps
+        self.deltanet = GatedDeltaNet(spec, tokens)
+        self.moe_input = MoEInput(spec)
+
+    def construct(self, h, conv_state, rec_state, n_valid, *w):
+        x = rms_norm(h, w[0], self.eps)
+        mixed, conv_state, rec_state = self.deltanet(x, w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9],
+                                                     conv_state, rec_state, n_valid)
+        partial, x_moe, weights, experts = self.moe_input(h, mixed, w[10], w[11], w[12], w[13], w[14], w[15])
+        return partial, x_moe, weights, experts, conv_state, rec_state

@@ -1,0 +1,110 @@
+"""Routed-expert dispatch for one layer: group tokens by expert, launch per capacity tier, combine.
+
+Legend: N real tokens, K experts per token, H hidden, E experts, G slots and C capacity of a tier.
+
+The router's choice comes back to the host (the one read per layer the offload controller needs);
+tokens are sorted by expert, cut into pieces by `plan_launches`, gathered into the tier's padded
+`[G, C, H]` input, and each launch's output rows are added to their tokens, weighted by the router.
+Where the weights of a launch come from is the `ExpertWeights` provider's business.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+import mindspore as ms
+
+from graphs.moe import ExpertGroup
+from offload.tiers import Launch, TierSet, plan_launches
+
+
+class ExpertWeights(Protocol):
+    """Gives the (gate_up, down) device tensors of the experts one launch needs."""
+
+    def launch_weights(self, layer: int, experts: Sequence[int]) -> tuple[tuple, tuple]: ...
+
+
+@dataclass
+class DispatchCounters:
+    """Per-tier launches, carried tokens and padded slot-tokens, summed over a run."""
+
+    launches: list[int]
+    tokens: list[int]
+    padding: list[int]
+    expert_tokens: int = 0
+
+    @classmethod
+    def for_tiers(cls, tiers: TierSet) -> "DispatchCounters":
+        n = len(tiers)
+        return cls([0] * n, [0] * n, [0] * n)
+
+
+@functools.cache
+def expert_group(slots: int, intermediate: int) -> ExpertGroup:
+    """Shared instances, so that dispatchers with the same tiers share compiled graphs."""
+    return ExpertGroup(slots, intermediate)
+
+
+class ExpertDispatcher:
+    """Runs the routed experts of any layer through the tier graphs."""
+
+    def __init__(self, spec, tiers: TierSet, weights: ExpertWeights):
+        self.spec = spec
+        self.tiers = tiers
+        self.weights = weights
+        self.groups = [expert_group(tier.group, spec.moe_intermediate_size) for tier in tiers]
+        # one reusable host buffer per tier for the padded launch input
+        self.inputs = [np.zeros((t.group, t.capacity, spec.hidden_size), np.float32) for t in tiers]
+        self.counters = DispatchCounters.for_tiers(tiers)
+
+    def run(self, layer: int, x: np.ndarray, weights: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        """Weighted sum of routed expert outputs. x [N, H], weights/experts [N, K] -> [N, H]."""
+        n, k = experts.shape
+        flat = experts.reshape(-1)  # [N*K] expert of each (token, choice)
+        order = np.argsort(flat, kind="stable")  # (token, choice) rows grouped by expert
+        loads = np.bincount(flat, minlength=self.spec.num_experts)  # [E]
+        starts = np.concatenate(([0], np.cumsum(loads)[:-1]))  # [E] first row of each expert in `order`
+        scale = weights.reshape(-1)  # [N*K]
+        out = np.zeros((n, x.shape[1]), np.float32)
+        for launch in plan_launches(loads, self.tiers):
+            self._launch(layer, launch, x, order, starts, scale, out, k)
+        self.counters.expert_tokens += n * k
+        return out
+
+    def _launch(self, layer, launch: Launch, x, order, starts, scale, out, k) -> None:
+        tier = self.tiers[launch.tier_index]
+        buffer = self.inputs[launch.tier_index]  # [G, C, H]
+        buffer.fill(0.0)
+        rows = []
+        for g, piece in enumerate(launch.pieces):
+            first = starts[piece.expert] + piece.start
+            piece_rows = order[first : first + piece.count]  # flat (token, choice) indices
+            buffer[g, : piece.count] = x[piece_rows // k]
+            rows.append(piece_rows)
+        experts = [piece.expert for piece in launch.pieces]
+        experts += [experts[0]] * (tier.group - len(experts))  # padding slots reuse a resident expert
+        gate_up, down = self.weights.launch_weights(layer, experts)
+        y = self.groups[launch.tier_index](ms.Tensor.from_numpy(buffer), *gate_up, *down).asnumpy()  # [G, C, H]
+        for g, piece_rows in enumerate(rows):
+            out[piece_rows // k] += y[g, : len(piece_rows)] * scale[piece_rows, None]
+        carried = sum(len(r) for r in rows)
+        self.counters.launches[launch.tier_index] += 1
+        self.counters.tokens[launch.tier_index] += carried
+        self.counters.padding[launch.tier_index] += tier.slot_tokens - carried
+
+
+class ResidentExperts:
+    """Every expert resident: one pair of tensors per expert, wrapping host arrays without copies."""
+
+    def __init__(self, layers: Sequence[tuple[np.ndarray, np.ndarray]]):
+        # layers[i] = (gate_up [E, 2I, H], down [E, H, I]); a slice along E stays contiguous
+        self.tensors = [
+            ([ms.Tensor.from_numpy(g) for g in gate_up], [ms.Tensor.from_numpy(d) for d in down])
+            for gate_up, down in layers
+        ]
+
+    def launch_weights(self, layer: int, experts: Sequence[int]) -> tuple[tuple, tuple]:
+        gate_up, down = self.tensors[layer]
+        return tuple(gate_up[e] for e in experts), tuple(down[e] for e in experts)

@@ -1,0 +1,174 @@
+"""The per-step launch loop: embedding, each layer's graph, its routed experts, the head.
+
+Legend: T tokens in a launch (a static bucket), N real tokens (N <= T), H hidden, V vocabulary,
+S cache capacity (max context), P rotary dims.
+
+A prompt is cut into launches of the bucket sizes compiled in advance; the last launch of a prompt
+is padded and the graphs ignore the padding (`n_valid`). Dense weights stay as device tensors for
+the whole run; routed experts come through the `ExpertDispatcher`.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+import mindspore as ms
+
+from convert.spec import ModelSpec
+from graphs.deltanet import CHUNK
+from graphs.embed_head import Embedding, Head
+from graphs.layer import ATTENTION_WEIGHTS, DELTANET_WEIGHTS, AttentionLayer, DeltaNetLayer
+from offload.dispatch import ExpertDispatcher
+
+
+class DenseWeights(Protocol):
+    spec: ModelSpec
+
+    def global_weights(self) -> dict[str, np.ndarray]: ...
+
+    def layer_weights(self, layer: int) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """Launch sizes compiled ahead of time: 1 for decode, the rest for prefill."""
+
+    prefill: tuple[int, ...] = (16, 64)
+
+    def __post_init__(self):
+        sizes = self.prefill
+        if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
+            raise ValueError(f"prefill buckets must be positive, sorted and distinct, got {list(sizes)}")
+        for size in sizes:
+            if size > CHUNK and size % CHUNK:
+                raise ValueError(f"prefill bucket {size} must be below {CHUNK} or a multiple of it (DeltaNet chunk)")
+
+    def pick(self, remaining: int) -> int:
+        """Smallest bucket holding the remaining tokens, or the largest bucket for a long prompt."""
+        if remaining == 1:
+            return 1
+        for size in self.prefill:
+            if size >= remaining:
+                return size
+        return self.prefill[-1]
+
+
+def rope_tables(spec: ModelSpec, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [length, P] for positions 0..length-1, halves duplicated as in the reference."""
+    dim = spec.rotary_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    freqs = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]  # [length, P/2]
+    angles = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@functools.cache
+def _layer_cells(graph_spec: ModelSpec, tokens: int, cache_size: int) -> tuple[AttentionLayer, DeltaNetLayer]:
+    """One Cell pair per launch shape, shared by every engine whose layers have the same shapes.
+
+    MindSpore keeps compiled graphs per Cell instance, so sharing instances shares compilations.
+    """
+    return AttentionLayer(graph_spec, tokens, cache_size), DeltaNetLayer(graph_spec, tokens)
+
+
+def graph_spec(spec: ModelSpec) -> ModelSpec:
+    """The spec with the fields no layer graph depends on blanked, as a key for sharing Cells."""
+    return replace(spec, vocab_size=0, num_layers=0, layer_types=(), tie_word_embeddings=False, eos_token_ids=())
+
+
+class SequenceState:
+    """KV caches (host arrays the graphs read in place) and DeltaNet states of one sequence."""
+
+    def __init__(self, spec: ModelSpec, max_context: int):
+        conv_shape = (spec.linear_conv_kernel_dim - 1, spec.conv_dim)
+        rec_shape = (spec.linear_num_value_heads, spec.linear_key_head_dim, spec.linear_value_head_dim)
+        kv_shape = (max_context, spec.num_key_value_heads, spec.head_dim)
+        self.length = 0
+        self.keys, self.values, self.conv, self.recurrent = {}, {}, {}, {}
+        for layer, kind in enumerate(spec.layer_types):
+            if kind == "full_attention":
+                self.keys[layer] = np.zeros(kv_shape, np.float32)
+                self.values[layer] = np.zeros(kv_shape, np.float32)
+            else:
+                self.conv[layer] = ms.Tensor(np.zeros(conv_shape, np.float32))
+                self.recurrent[layer] = ms.Tensor(np.zeros(rec_shape, np.float32))
+
+
+class Engine:
+    """Runs the model one launch at a time over a `SequenceState`."""
+
+    def __init__(self, weights: DenseWeights, dispatcher: ExpertDispatcher, buckets: Buckets = Buckets(),
+                 max_context: int = 1024):
+        self.spec = spec = weights.spec
+        self.dispatcher = dispatcher
+        self.buckets = buckets
+        self.max_context = max_context
+        globals_ = weights.global_weights()
+        self.embed_table = ms.Tensor.from_numpy(globals_["embed"])
+        self.final_norm = ms.Tensor.from_numpy(globals_["final_norm"])
+        self.lm_head = ms.Tensor.from_numpy(globals_["lm_head"])
+        self.layers = []
+        for layer, kind in enumerate(spec.layer_types):
+            names = ATTENTION_WEIGHTS if kind == "full_attention" else DELTANET_WEIGHTS
+            dense = weights.layer_weights(layer)
+            self.layers.append(tuple(ms.Tensor.from_numpy(dense[name]) for name in names))
+        self.cos, self.sin = rope_tables(spec, max_context + max(buckets.prefill))
+        self.embedding = Embedding()
+        self.head = Head(spec.rms_norm_eps)
+        self.state = SequenceState(spec, max_context)
+
+    def reset(self) -> None:
+        self.state = SequenceState(self.spec, self.max_context)
+
+    def forward(self, ids, all_logits: bool = False) -> np.ndarray:
+        """Feed token ids; return logits of the last one [V], or of every one [N, V]."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("forward needs at least one token id")
+        if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.spec.vocab_size}), got {ids.min()}..{ids.max()}")
+        if self.state.length + ids.size > self.max_context:
+            raise ValueError(
+                f"sequence of {self.state.length + ids.size} tokens exceeds max_context {self.max_context}"
+            )
+        pieces = []
+        start = 0
+        while start < ids.size:
+            tokens = self.buckets.pick(ids.size - start)
+            count = min(tokens, ids.size - start)
+            pieces.append(self._launch(ids[start : start + count], tokens, all_logits))
+            start += count
+        return np.concatenate(pieces) if all_logits else pieces[-1][-1]
+
+    def _launch(self, ids: np.ndarray, tokens: int, all_logits: bool) -> np.ndarray:
+        n, state = ids.size, self.state
+        attention, deltanet = _layer_cells(graph_spec(self.spec), tokens, self.max_context)
+        padded = np.zeros(tokens, np.int32)
+        padded[:n] = ids
+        h = self.embedding(ms.Tensor.from_numpy(padded), self.embed_table)  # [T, H]
+        position = state.length
+        cos = ms.Tensor.from_numpy(self.cos[position : position + tokens])  # [T, P]
+        sin = ms.Tensor.from_numpy(self.sin[position : position + tokens])
+        n_valid = ms.Tensor(n, ms.int32)
+        cache_len = ms.Tensor(position, ms.int32)
+        for layer, weights in enumerate(self.layers):
+            if layer in state.keys:
+                k_cache, v_cache = state.keys[layer], state.values[layer]
+                partial, x_moe, top_w, top_e, key, value = attention(
+                    h, cos, sin, ms.Tensor.from_numpy(k_cache), ms.Tensor.from_numpy(v_cache), cache_len, *weights)
+                k_cache[position : position + n] = key.asnumpy()[:n]
+                v_cache[position : position + n] = value.asnumpy()[:n]
+            else:
+                partial, x_moe, top_w, top_e, state.conv[layer], state.recurrent[layer] = deltanet(
+                    h, state.conv[layer], state.recurrent[layer], n_valid, *weights)
+            routed = self.dispatcher.run(layer, x_moe.asnumpy()[:n], top_w.asnumpy()[:n], top_e.asnumpy()[:n])
+            hidden = partial.asnumpy()  # [T, H]
+            hidden[:n] += routed
+            h = ms.Tensor.from_numpy(hidden)
+        state.length += n
+        if all_logits:
+            return self.head(h, self.final_norm, self.lm_head).asnumpy()[:n]  # [N, V]
+        last = ms.Tensor.from_numpy(np.ascontiguousarray(hidden[n - 1 : n]))
+        return self.head(last, self.final_norm, self.lm_head).asnumpy()  # [1, V]
