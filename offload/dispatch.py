@@ -9,15 +9,17 @@ Where the weights of a launch come from is the `ExpertWeights` provider's busine
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import mindspore as ms
 
-from graphs.moe import ExpertGroup
-from offload.tiers import Launch, TierSet, plan_launches
+from offload.tiers import Launch, Tier, TierSet, plan_launches
+
+
+class ExpertGroupGraphs(Protocol):
+    def expert_group(self, tier: Tier) -> Callable: ...
 
 
 class ExpertWeights(Protocol):
@@ -41,20 +43,14 @@ class DispatchCounters:
         return cls([0] * n, [0] * n, [0] * n)
 
 
-@functools.cache
-def expert_group(slots: int, intermediate: int) -> ExpertGroup:
-    """Shared instances, so that dispatchers with the same tiers share compiled graphs."""
-    return ExpertGroup(slots, intermediate)
-
-
 class ExpertDispatcher:
     """Runs the routed experts of any layer through the tier graphs."""
 
-    def __init__(self, spec, tiers: TierSet, weights: ExpertWeights):
+    def __init__(self, spec, tiers: TierSet, weights: ExpertWeights, graphs: ExpertGroupGraphs):
         self.spec = spec
         self.tiers = tiers
         self.weights = weights
-        self.groups = [expert_group(tier.group, spec.moe_intermediate_size) for tier in tiers]
+        self.groups = [graphs.expert_group(tier) for tier in tiers]
         # one reusable host buffer per tier for the padded launch input
         self.inputs = [np.zeros((t.group, t.capacity, spec.hidden_size), np.float32) for t in tiers]
         self.counters = DispatchCounters.for_tiers(tiers)

@@ -9,6 +9,7 @@ from offload.dispatch import ExpertDispatcher, ResidentExperts
 from offload.tiers import TierSet, from_config
 from runtime.backend import configure
 from runtime.engine import Buckets, Engine
+from runtime.graph_set import CellGraphs
 
 
 def default_tiers(spec: ModelSpec) -> TierSet:
@@ -24,5 +25,6 @@ def engine_from_checkpoint(model_dir: str | Path, tiers: TierSet | None = None, 
     checkpoint = Checkpoint(model_dir)
     spec = checkpoint.spec
     experts = ResidentExperts([checkpoint.layer_experts(layer) for layer in range(spec.num_layers)])
-    dispatcher = ExpertDispatcher(spec, tiers or default_tiers(spec), experts)
-    return Engine(checkpoint, dispatcher, buckets, max_context)
+    graphs = CellGraphs(spec, max_context)
+    dispatcher = ExpertDispatcher(spec, tiers or default_tiers(spec), experts, graphs)
+    return Engine(checkpoint, dispatcher, graphs, buckets, max_context)

@@ -9,8 +9,7 @@ the whole run; routed experts come through the `ExpertDispatcher`.
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -18,9 +17,9 @@ import mindspore as ms
 
 from convert.spec import ModelSpec
 from graphs.deltanet import CHUNK
-from graphs.embed_head import Embedding, Head
-from graphs.layer import ATTENTION_WEIGHTS, DELTANET_WEIGHTS, AttentionLayer, DeltaNetLayer
+from graphs.layer import ATTENTION_WEIGHTS, DELTANET_WEIGHTS
 from offload.dispatch import ExpertDispatcher
+from runtime.graph_set import GraphSet
 
 
 class DenseWeights(Protocol):
@@ -64,20 +63,6 @@ def rope_tables(spec: ModelSpec, length: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-@functools.cache
-def _layer_cells(graph_spec: ModelSpec, tokens: int, cache_size: int) -> tuple[AttentionLayer, DeltaNetLayer]:
-    """One Cell pair per launch shape, shared by every engine whose layers have the same shapes.
-
-    MindSpore keeps compiled graphs per Cell instance, so sharing instances shares compilations.
-    """
-    return AttentionLayer(graph_spec, tokens, cache_size), DeltaNetLayer(graph_spec, tokens)
-
-
-def graph_spec(spec: ModelSpec) -> ModelSpec:
-    """The spec with the fields no layer graph depends on blanked, as a key for sharing Cells."""
-    return replace(spec, vocab_size=0, num_layers=0, layer_types=(), tie_word_embeddings=False, eos_token_ids=())
-
-
 class SequenceState:
     """KV caches (host arrays the graphs read in place) and DeltaNet states of one sequence."""
 
@@ -99,10 +84,11 @@ class SequenceState:
 class Engine:
     """Runs the model one launch at a time over a `SequenceState`."""
 
-    def __init__(self, weights: DenseWeights, dispatcher: ExpertDispatcher, buckets: Buckets = Buckets(),
-                 max_context: int = 1024):
+    def __init__(self, weights: DenseWeights, dispatcher: ExpertDispatcher, graphs: GraphSet,
+                 buckets: Buckets = Buckets(), max_context: int = 1024):
         self.spec = spec = weights.spec
         self.dispatcher = dispatcher
+        self.graphs = graphs
         self.buckets = buckets
         self.max_context = max_context
         globals_ = weights.global_weights()
@@ -115,8 +101,6 @@ class Engine:
             dense = weights.layer_weights(layer)
             self.layers.append(tuple(ms.Tensor.from_numpy(dense[name]) for name in names))
         self.cos, self.sin = rope_tables(spec, max_context + max(buckets.prefill))
-        self.embedding = Embedding()
-        self.head = Head(spec.rms_norm_eps)
         self.state = SequenceState(spec, max_context)
 
     def reset(self) -> None:
@@ -144,10 +128,10 @@ class Engine:
 
     def _launch(self, ids: np.ndarray, tokens: int, all_logits: bool) -> np.ndarray:
         n, state = ids.size, self.state
-        attention, deltanet = _layer_cells(graph_spec(self.spec), tokens, self.max_context)
+        attention, deltanet = self.graphs.attention(tokens), self.graphs.deltanet(tokens)
         padded = np.zeros(tokens, np.int32)
         padded[:n] = ids
-        h = self.embedding(ms.Tensor.from_numpy(padded), self.embed_table)  # [T, H]
+        h = self.graphs.embedding(tokens)(ms.Tensor.from_numpy(padded), self.embed_table)  # [T, H]
         position = state.length
         cos = ms.Tensor.from_numpy(self.cos[position : position + tokens])  # [T, P]
         sin = ms.Tensor.from_numpy(self.sin[position : position + tokens])
@@ -169,6 +153,6 @@ class Engine:
             h = ms.Tensor.from_numpy(hidden)
         state.length += n
         if all_logits:
-            return self.head(h, self.final_norm, self.lm_head).asnumpy()[:n]  # [N, V]
+            return self.graphs.head(tokens)(h, self.final_norm, self.lm_head).asnumpy()[:n]  # [N, V]
         last = ms.Tensor.from_numpy(np.ascontiguousarray(hidden[n - 1 : n]))
-        return self.head(last, self.final_norm, self.lm_head).asnumpy()  # [1, V]
+        return self.graphs.head(1)(last, self.final_norm, self.lm_head).asnumpy()  # [1, V]
