@@ -23,9 +23,10 @@ class ExpertGroupGraphs(Protocol):
 
 
 class ExpertWeights(Protocol):
-    """Gives the (gate_up, down) device tensors of the experts one launch needs."""
+    """Gives the device tensors of the experts one launch needs, flat, in the order the tier's
+    expert-group graph takes them after its input (FP32: G gate_up weights, then G down weights)."""
 
-    def launch_weights(self, layer: int, experts: Sequence[int]) -> tuple[tuple, tuple]: ...
+    def launch_weights(self, layer: int, experts: Sequence[int]) -> tuple: ...
 
 
 @dataclass
@@ -81,8 +82,8 @@ class ExpertDispatcher:
             rows.append(piece_rows)
         experts = [piece.expert for piece in launch.pieces]
         experts += [experts[0]] * (tier.group - len(experts))  # padding slots reuse a resident expert
-        gate_up, down = self.weights.launch_weights(layer, experts)
-        y = self.groups[launch.tier_index](ms.Tensor.from_numpy(buffer), *gate_up, *down).asnumpy()  # [G, C, H]
+        weights = self.weights.launch_weights(layer, experts)
+        y = self.groups[launch.tier_index](ms.Tensor.from_numpy(buffer), *weights).asnumpy()  # [G, C, H]
         for g, piece_rows in enumerate(rows):
             out[piece_rows // k] += y[g, : len(piece_rows)] * scale[piece_rows, None]
         carried = sum(len(r) for r in rows)
@@ -101,6 +102,6 @@ class ResidentExperts:
             for gate_up, down in layers
         ]
 
-    def launch_weights(self, layer: int, experts: Sequence[int]) -> tuple[tuple, tuple]:
+    def launch_weights(self, layer: int, experts: Sequence[int]) -> tuple:
         gate_up, down = self.tensors[layer]
-        return tuple(gate_up[e] for e in experts), tuple(down[e] for e in experts)
+        return tuple(gate_up[e] for e in experts) + tuple(down[e] for e in experts)
