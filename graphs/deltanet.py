@@ -47,6 +47,7 @@ class GatedDeltaNet(nn.Cell):
         if tokens > 1 and tokens % self.chunk:
             raise ValueError(f"DeltaNet launch of {tokens} tokens is not a multiple of the chunk {CHUNK}")
         self.linear = Linear()
+        self.bmm = ops.BatchMatMul()
         self.positions = Tensor(np.arange(tokens, dtype=np.int32))  # [T]
         self.state_rows = Tensor(np.arange(self.width - 1, dtype=np.int32))  # [W-1]
         size = self.chunk
@@ -77,14 +78,18 @@ class GatedDeltaNet(nn.Cell):
         return q, k, v
 
     def recurrent(self, q, k, v, beta, decay, state):
-        """One token. q/k [1, Hv, Dk], v [1, Hv, Dv], beta/decay [1, Hv], state [Hv, Dk, Dv]."""
-        state = state * ops.exp(decay[0]).reshape(-1, 1, 1)
-        k_t = k[0].reshape(self.v_heads, self.k_dim, 1)  # [Hv, Dk, 1]
-        remembered = ops.sum(state * k_t, 1)  # [Hv, Dv]
-        delta = (v[0] - remembered) * beta[0].reshape(-1, 1)  # [Hv, Dv]
-        state = state + k_t * delta.reshape(self.v_heads, 1, self.v_dim)
-        out = ops.sum(state * q[0].reshape(self.v_heads, self.k_dim, 1), 1)  # [Hv, Dv]
-        return out.reshape(1, self.v_heads, self.v_dim), state
+        """One token. q/k [1, Hv, Dk], v [1, Hv, Dv], beta/decay [1, Hv], state [Hv, Dk, Dv].
+
+        Reads and the rank-1 update are batched matmuls: reductions over the state's middle axis
+        run several times slower on the CPU kernels."""
+        hv, dk, dv = self.v_heads, self.k_dim, self.v_dim
+        state = state * ops.exp(decay[0]).reshape(hv, 1, 1)
+        k_row = k[0].reshape(hv, 1, dk)
+        remembered = self.bmm(k_row, state)  # [Hv, 1, Dv]
+        delta = (v[0].reshape(hv, 1, dv) - remembered) * beta[0].reshape(hv, 1, 1)
+        state = state + self.bmm(k_row.reshape(hv, dk, 1), delta)  # rank-1 update [Hv, Dk, Dv]
+        out = self.bmm(q[0].reshape(hv, 1, dk), state)  # [Hv, 1, Dv]
+        return out.reshape(1, hv, dv), state
 
     def chunked(self, q, k, v, beta, decay, state):
         """T tokens in M chunks of L. Same algebra as the reference chunked gated delta rule."""

@@ -1,0 +1,145 @@
+"""Decode speed at Qwen3.6-35B-A3B's real layer widths, side by side in one run.
+
+    python bench/decode.py            # 4 layers (3 DeltaNet + 1 attention), 32 decode tokens
+
+Prints Ferry's decode tokens/s and ms per layer with every expert resident, transformers eager on
+the same checkpoint with the same thread count and prompt, and the bandwidth bound (bytes of
+weights one decode token reads / memory bandwidth measured in this run), then the ratios. Each
+model runs in its own process, one after the other, so they never share memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from bench.realwidth import real_width_checkpoint, real_width_spec  # noqa: E402
+
+
+def prompt_ids(length: int, vocab: int) -> list[int]:
+    return np.random.default_rng(1234).integers(0, vocab, length).tolist()
+
+
+def ferry_worker(model_dir: Path, prompt: list[int], tokens: int, threads: int) -> dict:
+    from convert.checkpoint import Checkpoint
+    from offload.dispatch import ExpertDispatcher, ResidentExperts
+    from runtime.backend import configure
+    from runtime.build import default_tiers
+    from runtime.engine import Buckets, Engine
+    from runtime.graph_set import CellGraphs
+
+    from bench.measure import TimedGraphs
+
+    configure(threads=threads)
+    checkpoint = Checkpoint(model_dir)
+    spec = checkpoint.spec
+    context = len(prompt) + tokens + 1
+    timed = TimedGraphs(CellGraphs(spec, context))
+    experts = ResidentExperts([checkpoint.layer_experts(layer) for layer in range(spec.num_layers)])
+    dispatcher = ExpertDispatcher(spec, default_tiers(spec), experts, timed)
+    engine = Engine(checkpoint, dispatcher, timed, Buckets((64,)), max_context=context)
+
+    def decode() -> tuple[list[int], float]:
+        engine.reset()
+        token = int(np.argmax(engine.forward(prompt)))
+        out = [token]
+        timed.seconds.clear()  # count decode launches only
+        start = time.perf_counter()
+        for _ in range(tokens - 1):
+            token = int(np.argmax(engine.forward([token])))
+            out.append(token)
+        return out, time.perf_counter() - start
+
+    decode()  # compile every shape once
+    ids, seconds = decode()
+    steps = tokens - 1
+    per_kind = {kind: s / steps * 1e3 for kind, s in timed.seconds.items()}
+    return {"ids": ids, "ms_per_token": seconds / steps * 1e3, "graph_ms_per_token": per_kind}
+
+
+def transformers_worker(model_dir: Path, prompt: list[int], tokens: int, threads: int) -> dict:
+    import torch
+    from transformers import Qwen3_5MoeForCausalLM
+
+    torch.set_num_threads(threads)
+    model = Qwen3_5MoeForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+
+    @torch.no_grad()
+    def decode() -> tuple[list[int], float]:
+        out = model(torch.tensor([prompt]), use_cache=True)
+        token = int(out.logits[0, -1].argmax())
+        ids, past = [token], out.past_key_values
+        start = time.perf_counter()
+        for _ in range(tokens - 1):
+            out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            token, past = int(out.logits[0, -1].argmax()), out.past_key_values
+            ids.append(token)
+        return ids, time.perf_counter() - start
+
+    decode()
+    ids, seconds = decode()
+    return {"ids": ids, "ms_per_token": seconds / (tokens - 1) * 1e3,
+            "experts_implementation": str(getattr(model.config, "_experts_implementation", "default"))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens to decode")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", choices=["ferry", "transformers"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    model_dir = real_width_checkpoint(args.layers)
+    spec = real_width_spec(args.layers)
+    prompt = prompt_ids(args.prompt, spec.vocab_size)
+    if args.worker:
+        worker = ferry_worker if args.worker == "ferry" else transformers_worker
+        print(json.dumps(worker(model_dir, prompt, args.tokens, args.threads)))
+        return
+
+    from bench.measure import decode_bytes_per_token, read_bandwidth, run_worker
+    from runtime.backend import configure
+
+    configure(threads=args.threads)
+    common = ["--layers", str(args.layers), "--prompt", str(args.prompt), "--tokens", str(args.tokens),
+              "--threads", str(args.threads)]
+    bandwidth = read_bandwidth()
+    ferry = run_worker(Path(__file__), "--worker", "ferry", *common)
+    hf = run_worker(Path(__file__), "--worker", "transformers", *common)
+    context = args.prompt + args.tokens // 2
+    bound_ms = decode_bytes_per_token(spec, context) / bandwidth * 1e3
+
+    print(f"checkpoint: {model_dir} ({args.layers} layers at real width, BF16 stored, FP32 compute)")
+    print(f"threads {args.threads}, prompt {args.prompt} tokens, {args.tokens} decoded, greedy")
+    print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s; one decode token reads "
+          f"{decode_bytes_per_token(spec, context) / 1e6:.0f} MB")
+    print()
+    print(f"{'':28s}{'ms/token':>10s}{'tokens/s':>10s}")
+    for name, ms in [("ferry, all experts resident", ferry["ms_per_token"]),
+                     ("transformers eager", hf["ms_per_token"]), ("bandwidth bound", bound_ms)]:
+        print(f"{name:28s}{ms:10.1f}{1e3 / ms:10.2f}")
+    print()
+    graph = ferry["graph_ms_per_token"]
+    kinds = {"deltanet": spec.layer_types.count("linear_attention"),
+             "attention": spec.layer_types.count("full_attention"), "experts": spec.num_layers}
+    for kind, count in kinds.items():
+        print(f"ferry {kind:9s} {graph.get(kind, 0.0) / count:6.2f} ms per layer")
+    outside = ferry["ms_per_token"] - sum(graph.values())
+    print(f"ferry head {graph.get('head', 0.0):6.2f} ms, host work between launches {outside:6.2f} ms per token")
+    print()
+    print(f"ferry / transformers speed: {hf['ms_per_token'] / ferry['ms_per_token']:.2f}x")
+    print(f"ferry time / bandwidth bound: {ferry['ms_per_token'] / bound_ms:.2f}x")
+    same = sum(a == b for a, b in zip(ferry["ids"], hf["ids"]))
+    print(f"greedy tokens equal to transformers: {same}/{len(ferry['ids'])}")
+
+
+if __name__ == "__main__":
+    main()

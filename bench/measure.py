@@ -1,0 +1,103 @@
+"""Shared measuring tools for the benchmarks: memory bandwidth, bytes per token, timed graphs.
+
+Absolute times on shared machines are noisy, so every benchmark reports ratios of figures taken
+in the same run; these helpers supply the yardsticks.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from convert.spec import ModelSpec
+
+FLOAT32 = 4
+
+
+def read_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
+    """Best read bandwidth (bytes/s) over a buffer far larger than the caches, with MindSpore's
+    multi-threaded ReduceSum and with numpy's single-threaded sum: whichever reads faster."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    class Sum(nn.Cell):
+        def construct(self, x):
+            return ops.sum(x)
+
+    data = np.ones(int(gigabytes * 2**30) // FLOAT32, np.float32)
+    tensor, cell = ms.Tensor.from_numpy(data), Sum()
+    cell(tensor).asnumpy()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        cell(tensor).asnumpy()
+        best = min(best, time.perf_counter() - start)
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
+
+
+def dense_layer_params(spec: ModelSpec, layer: int) -> int:
+    """Weights one token reads in a layer outside the routed experts (mixer, router, shared expert)."""
+    from convert.names import layer_names
+
+    return sum(int(np.prod(name.shape)) for name in layer_names(spec, layer).values())
+
+
+def decode_bytes_per_token(spec: ModelSpec, context: int) -> int:
+    """FP32 bytes one decode step must read: dense weights of every layer, top-k experts per layer,
+    the head and one embedding row, and the KV cache of the attention layers up to `context`."""
+    params = sum(dense_layer_params(spec, layer) for layer in range(spec.num_layers))
+    params += spec.num_layers * spec.num_experts_per_tok * spec.expert_params
+    params += spec.vocab_size * spec.hidden_size + spec.hidden_size * 2
+    attention_layers = spec.layer_types.count("full_attention")
+    params += attention_layers * 2 * context * spec.num_key_value_heads * spec.head_dim
+    return params * FLOAT32
+
+
+def run_worker(script: Path, *args: str) -> dict:
+    """Run a benchmark worker in its own process (so two models never share memory); it prints
+    one JSON object as its last line of output."""
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{script.name} {' '.join(args)} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class TimedGraphs:
+    """Wraps a GraphSet and adds up the seconds spent in each kind of graph launch."""
+
+    def __init__(self, graphs):
+        self.graphs = graphs
+        self.seconds: dict[str, float] = {}
+
+    def _timed(self, kind: str, graph):
+        def call(*args):
+            start = time.perf_counter()
+            out = graph(*args)
+            first = out[0] if isinstance(out, tuple) else out
+            first.asnumpy()  # the launch is done when its output is readable
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - start
+            return out
+
+        return call
+
+    def attention(self, tokens):
+        return self._timed("attention", self.graphs.attention(tokens))
+
+    def deltanet(self, tokens):
+        return self._timed("deltanet", self.graphs.deltanet(tokens))
+
+    def embedding(self, tokens):
+        return self._timed("embedding", self.graphs.embedding(tokens))
+
+    def head(self, tokens):
+        return self._timed("head", self.graphs.head(tokens))
+
+    def expert_group(self, tier):
+        return self._timed("experts", self.graphs.expert_group(tier))
