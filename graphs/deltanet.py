@@ -58,6 +58,9 @@ class GatedDeltaNet(nn.Cell):
         """Causal depthwise conv over [state; mixed], SiLU; returns output and the new state."""
         t, w = self.tokens, self.width
         padded = ops.concat((conv_state, mixed), 0)  # [W-1+T, C]
+        if t == 1:  # decode: one dot product per channel; the state shifts by one row
+            out = ops.sum(padded.transpose(1, 0) * conv_weight, 1).reshape(1, -1)  # [1, C]
+            return ops.silu(out), padded[1:]
         out = padded[0:t] * conv_weight[:, 0]
         for j in range(1, w):
             out = out + padded[j : j + t] * conv_weight[:, j]  # [T, C]

@@ -1,0 +1,95 @@
+"""Prefill speed at Qwen3.6-35B-A3B's real layer widths, Ferry against transformers, one run.
+
+    python bench/prefill.py            # prompts of 128 and 1024 tokens, 4 layers
+
+For each prompt length: prefill tokens/s of Ferry (all experts resident) and of transformers eager
+(same checkpoint, threads and prompt), and Ferry's time to first token cold (a fresh process:
+engine load plus graph compilation plus prefill) and warm (graphs compiled). Each model runs in
+its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from bench.realwidth import real_width_checkpoint, real_width_spec  # noqa: E402
+
+BUCKETS = (64, 256)
+
+
+def ferry_worker(model_dir: Path, prompt: list[int], threads: int) -> dict:
+    start = time.perf_counter()
+    from runtime.backend import configure
+    from runtime.build import engine_from_checkpoint
+    from runtime.engine import Buckets
+
+    configure(threads=threads)
+    engine = engine_from_checkpoint(model_dir, buckets=Buckets(BUCKETS), max_context=len(prompt) + 1)
+    loaded = time.perf_counter()
+    first = int(np.argmax(engine.forward(prompt)))
+    cold = time.perf_counter() - start
+    engine.reset()
+    warm_start = time.perf_counter()
+    again = int(np.argmax(engine.forward(prompt)))
+    warm = time.perf_counter() - warm_start
+    return {"cold_s": cold, "load_s": loaded - start, "warm_s": warm, "first_token": [first, again]}
+
+
+def transformers_worker(model_dir: Path, prompt: list[int], threads: int) -> dict:
+    import torch
+    from transformers import Qwen3_5MoeForCausalLM
+
+    torch.set_num_threads(threads)
+    model = Qwen3_5MoeForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        model(ids[:, :16])  # first-call warm-up
+        start = time.perf_counter()
+        logits = model(ids, use_cache=True).logits
+        seconds = time.perf_counter() - start
+    return {"warm_s": seconds, "first_token": int(logits[0, -1].argmax())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 1024])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", choices=["ferry", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    model_dir = real_width_checkpoint(args.layers)
+    spec = real_width_spec(args.layers)
+    if args.worker:
+        prompt = np.random.default_rng(99).integers(0, spec.vocab_size, args.length).tolist()
+        worker = ferry_worker if args.worker == "ferry" else transformers_worker
+        print(json.dumps(worker(model_dir, prompt, args.threads)))
+        return
+
+    from bench.measure import run_worker
+
+    print(f"checkpoint: {model_dir} ({args.layers} layers at real width, BF16 stored, FP32 compute)")
+    print(f"threads {args.threads}; Ferry prefill buckets {BUCKETS}")
+    print()
+    print(f"{'prompt':>7s}{'ferry tok/s':>13s}{'hf tok/s':>10s}{'ferry/hf':>10s}{'TTFT cold':>11s}"
+          f"{'(load)':>8s}{'TTFT warm':>11s}{'same 1st token':>16s}")
+    for length in args.lengths:
+        common = ["--layers", str(args.layers), "--threads", str(args.threads), "--length", str(length)]
+        ferry = run_worker(Path(__file__), "--worker", "ferry", *common)
+        hf = run_worker(Path(__file__), "--worker", "transformers", *common)
+        ferry_rate, hf_rate = length / ferry["warm_s"], length / hf["warm_s"]
+        same = ferry["first_token"][0] == ferry["first_token"][1] == hf["first_token"]
+        print(f"{length:7d}{ferry_rate:13.1f}{hf_rate:10.1f}{ferry_rate / hf_rate:9.2f}x"
+              f"{ferry['cold_s']:10.1f}s{ferry['load_s']:7.1f}s{ferry['warm_s']:10.2f}s{str(same):>16s}")
+
+
+if __name__ == "__main__":
+    main()
