@@ -13,11 +13,13 @@ from hypothesis import strategies as st
 from offload.calibrate import (
     ASCEND_310P3_COST,
     LaunchCost,
+    assign_groups,
     choose_tiers,
     expected_cost,
     power_of_two_tiers,
     report,
     single_tier,
+    spread_power_of_two_tiers,
     write_tiers_yaml,
 )
 from offload.tiers import Launch, Piece, Tier, TierSet, from_config, padding, plan_launches
@@ -127,23 +129,38 @@ def test_from_config() -> None:
 
 
 def _brute_force(samples: list[np.ndarray], cost: LaunchCost, max_tiers: int, group) -> float:
-    candidates = sorted({int(n) for step in samples for n in step if n > 0})
+    """Cheapest expected cost over every set of capacities from 1 to the largest load and every
+    assignment of the offered groups to its tiers."""
+    candidates = range(1, max(int(step.max()) for step in samples) + 1)
+
+    def options(c: int) -> tuple[int, ...]:
+        value = group(c)
+        return (value,) if isinstance(value, int) else tuple(value)
+
     return min(
-        expected_cost(samples, TierSet(tuple(Tier(c, group(c)) for c in subset)), cost)
+        expected_cost(samples, TierSet(tuple(Tier(c, g) for c, g in zip(subset, gs))), cost)
         for k in range(1, max_tiers + 1)
         for subset in itertools.combinations(candidates, k)
+        for gs in itertools.product(*(options(c) for c in subset))
+    )
+
+
+def _random_cost(rng: np.random.Generator) -> LaunchCost:
+    slot_s = float(rng.uniform(0, 2)) if rng.random() < 0.7 else 0.0
+    return LaunchCost(
+        launch_s=float(rng.uniform(0, 5)), slot_s=slot_s, slot_token_s=float(rng.uniform(0, 1))
     )
 
 
 def test_choose_tiers_matches_brute_force() -> None:
     rng = np.random.default_rng(0)
     overflow_optima = 0
-    for _ in range(250):
+    for _ in range(200):
         n_steps, n_experts = rng.integers(1, 5), rng.integers(1, 7)
-        samples = [rng.integers(0, rng.integers(2, 30), size=n_experts) for _ in range(n_steps)]
+        samples = [rng.integers(0, rng.integers(2, 16), size=n_experts) for _ in range(n_steps)]
         if not any(step.any() for step in samples):
             samples[0][0] = 1
-        cost = LaunchCost(float(rng.uniform(0, 5)), float(rng.uniform(0, 1)))
+        cost = _random_cost(rng)
         group_table = {c: int(rng.integers(1, 5)) for c in range(1, 31)}
         max_tiers = int(rng.integers(1, 4))
         chosen = choose_tiers(samples, cost, max_tiers, group_table.__getitem__)
@@ -155,12 +172,86 @@ def test_choose_tiers_matches_brute_force() -> None:
     assert overflow_optima >= 20  # the overflow branch is exercised, not just the nominal one
 
 
-def test_choose_tiers_splits_an_outlier_when_slots_are_dear() -> None:
+def test_choose_tiers_picks_groups_exactly() -> None:
+    rng = np.random.default_rng(1)
+    group_choices = 0
+    for _ in range(120):
+        n_steps, n_experts = rng.integers(1, 4), rng.integers(1, 7)
+        samples = [rng.integers(0, rng.integers(2, 10), size=n_experts) for _ in range(n_steps)]
+        if not any(step.any() for step in samples):
+            samples[0][0] = 1
+        cost = _random_cost(rng)
+        offered = {
+            c: tuple(sorted({int(g) for g in rng.integers(1, 6, size=rng.integers(1, 4))}))
+            for c in range(1, 16)
+        }
+        max_tiers = int(rng.integers(1, 4))
+        chosen = choose_tiers(samples, cost, max_tiers, offered.__getitem__)
+        assert all(t.group in offered[t.capacity] for t in chosen)
+        best = _brute_force(samples, cost, max_tiers, offered.__getitem__)
+        assert expected_cost(samples, chosen, cost) == pytest.approx(best, rel=1e-12, abs=1e-12)
+        group_choices += any(len(offered[t.capacity]) > 1 for t in chosen)
+    assert group_choices >= 40
+
+
+def test_choose_tiers_with_the_same_groups_everywhere_matches_brute_force() -> None:
+    # The case where the DP runs over the remainders seen only (every capacity, same groups).
+    rng = np.random.default_rng(3)
+    for _ in range(120):
+        n_steps, n_experts = rng.integers(1, 4), rng.integers(1, 7)
+        samples = [rng.integers(0, rng.integers(2, 12), size=n_experts) for _ in range(n_steps)]
+        if not any(step.any() for step in samples):
+            samples[0][0] = 1
+        cost = _random_cost(rng)
+        offered = tuple(sorted({int(g) for g in rng.integers(1, 6, size=rng.integers(1, 3))}))
+        max_tiers = int(rng.integers(1, 4))
+        chosen = choose_tiers(samples, cost, max_tiers, lambda c: offered)
+        best = _brute_force(samples, cost, max_tiers, lambda c: offered)
+        assert expected_cost(samples, chosen, cost) == pytest.approx(best, rel=1e-12, abs=1e-12)
+
+
+def test_slot_cost_stops_splitting_from_looking_free() -> None:
+    # A decode step (eight experts of one token) and a prefill step (loads 3 and 5). Without a
+    # slot cost, cutting the prefill loads into one-token pieces for the decode tier pads nothing
+    # and wins; once every slot reads an expert's weights, those eight slots cost more than
+    # launches of their own.
+    samples = [np.ones(8, dtype=int), np.array([3, 5])]
+    free = LaunchCost(launch_s=0.5, slot_s=0.0, slot_token_s=1.0)
+    dear = LaunchCost(launch_s=0.5, slot_s=10.0, slot_token_s=1.0)
+    by_group = lambda c: (1, 2, 8)  # noqa: E731
+    assert choose_tiers(samples, free, 3, by_group) == TierSet((Tier(1, 8),))
+    assert expected_cost(samples, TierSet((Tier(1, 8),)), free) == 8.5
+    split = TierSet((Tier(1, 8), Tier(3, 1), Tier(5, 1)))
+    assert choose_tiers(samples, dear, 3, by_group) == split
+    assert expected_cost(samples, split, dear) == (88.5 + 13.5 + 15.5) / 2
+
+
+def test_assign_groups_is_exact_for_fixed_capacities() -> None:
+    rng = np.random.default_rng(2)
+    for _ in range(60):
+        samples = [rng.integers(0, 20, size=6) for _ in range(int(rng.integers(1, 4)))]
+        samples[0][0] = max(samples[0][0], 1)
+        cost = _random_cost(rng)
+        capacities = sorted({int(c) for c in rng.integers(1, 20, size=rng.integers(1, 4))})
+        options = (1, 2, 3, 5)
+        got = assign_groups(samples, capacities, cost, lambda c: options)
+        assert got.capacities == tuple(capacities)
+        best = min(
+            expected_cost(samples, TierSet(tuple(Tier(c, g) for c, g in zip(capacities, gs))), cost)
+            for gs in itertools.product(options, repeat=len(capacities))
+        )
+        assert expected_cost(samples, got, cost) == pytest.approx(best, rel=1e-12, abs=1e-12)
+
+
+def test_choose_tiers_considers_capacities_no_load_had() -> None:
+    # Only slot-tokens cost: cutting every load into one-token pieces pads nothing, though no
+    # expert ever had a load of 1 (that splitting is free here is what slot_s corrects).
     samples = [np.array([4, 4, 4, 4, 40])]
-    cost = LaunchCost(launch_s=0.0, slot_token_s=1.0)
+    cost = LaunchCost(launch_s=0.0, slot_s=0.0, slot_token_s=1.0)
     chosen = choose_tiers(samples, cost, max_tiers=2, group_for_capacity=lambda c: 4)
-    assert chosen == TierSet((Tier(4, 4),))  # 14 pieces of 4 in 4 launches: 64 slot-tokens
-    assert expected_cost(samples, chosen, cost) == 64.0
+    assert chosen == TierSet((Tier(1, 4),))  # 56 pieces in 14 full launches
+    assert expected_cost(samples, chosen, cost) == 56.0
+    assert expected_cost(samples, TierSet((Tier(4, 4),)), cost) == 64.0
 
 
 def test_choose_tiers_rejects_bad_input() -> None:
@@ -170,6 +261,8 @@ def test_choose_tiers_rejects_bad_input() -> None:
         choose_tiers([], ASCEND_310P3_COST, 2, lambda c: 1)
     with pytest.raises(ValueError, match="max_tiers"):
         choose_tiers([np.ones(4, dtype=int)], ASCEND_310P3_COST, 0, lambda c: 1)
+    with pytest.raises(ValueError, match=r"group_for_capacity\(1\) must give a positive int"):
+        choose_tiers([np.ones(4, dtype=int)], ASCEND_310P3_COST, 2, lambda c: ())
     with pytest.raises(ValueError, match="step 1 has a negative load at expert 2"):
         choose_tiers(
             [np.ones(4, dtype=int), np.array([1, 1, -1])], ASCEND_310P3_COST, 2, lambda c: 1
@@ -181,18 +274,26 @@ def test_report_by_hand() -> None:
     samples = [np.array([1, 0, 3, 10]), np.zeros(4, dtype=int)]
     # Step 0: tier 0 carries pieces of 1 and 2 in one launch (4 slot-tokens, 1 padded); tier 1
     # carries 3 and 8 in two launches (16 slot-tokens, 5 padded). Step 1 launches nothing.
-    got = report(samples, tiers, LaunchCost(launch_s=1.0, slot_token_s=0.01))
+    got = report(samples, tiers, LaunchCost(launch_s=1.0, slot_s=0.1, slot_token_s=0.01))
     assert got.padding_fraction == 6 / 20
     assert got.launches_per_step == 1.5
-    assert got.cost_per_step_s == pytest.approx((3 * 1.0 + 20 * 0.01) / 2)
+    # 3 launches, 2 + 1 + 1 slots, 20 slot-tokens, over 2 steps
+    assert got.cost_per_step_s == pytest.approx((3 * 1.0 + 4 * 0.1 + 20 * 0.01) / 2)
 
 
 def test_ascend_cost_from_specs() -> None:
     assert ASCEND_310P3_COST.launch_s == 10e-6
-    assert ASCEND_310P3_COST.slot_token_s == pytest.approx(0.286e-6, rel=1e-2)
-    assert ASCEND_310P3_COST.of(Tier(16, 4)) == pytest.approx(10e-6 + 64 * 0.286e-6, rel=1e-2)
+    assert ASCEND_310P3_COST.slot_s == pytest.approx(30.7e-6, rel=1e-2)  # 6.29 MB at 204.8 GB/s
+    assert ASCEND_310P3_COST.slot_token_s == pytest.approx(0.0899e-6, rel=1e-2)  # 6.29 MFLOP at 70 T
+    assert ASCEND_310P3_COST.of(Tier(16, 4)) == pytest.approx(
+        10e-6 + 4 * 30.7e-6 + 64 * 0.0899e-6, rel=1e-2
+    )
     with pytest.raises(ValueError, match="launch_s must be >= 0"):
-        LaunchCost(-1.0, 0.0)
+        LaunchCost(launch_s=-1.0, slot_s=0.0, slot_token_s=0.0)
+    with pytest.raises(ValueError, match="slot_s must be >= 0"):
+        LaunchCost(launch_s=0.0, slot_s=float("nan"), slot_token_s=0.0)
+    with pytest.raises(TypeError):
+        LaunchCost(1.0, 0.0, 0.0)  # keyword-only: three floats in a row are too easy to swap
 
 
 def test_baselines() -> None:
@@ -200,6 +301,10 @@ def test_baselines() -> None:
     assert power_of_two_tiers(2, 5, lambda c: 1).capacities == (1, 2)
     assert power_of_two_tiers(1, 2, lambda c: 1).capacities == (1,)
     assert single_tier(40, 2) == TierSet((Tier(40, 2),))
+    assert spread_power_of_two_tiers(64, 3) == (1, 8, 64)
+    assert spread_power_of_two_tiers(35, 4) == (1, 4, 16, 64)
+    assert spread_power_of_two_tiers(35, 1) == (64,)
+    assert spread_power_of_two_tiers(2, 5) == (1, 2)
 
 
 def test_write_tiers_yaml_loads_through_hydra(tmp_path) -> None:
