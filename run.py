@@ -1,0 +1,424 @@
+"""Ferry's command line (Hydra). With no model chosen it runs the built-in demo.
+
+    python run.py                                          # demo: built once, generates, streams, counters
+    python run.py prompt="..." max_new_tokens=64           # also prompt_file=PATH, prompt_ids=[1,2,3], chat=true
+    python run.py mode=plan +model=qwen36_35b device=ascend_310p3   # memory plan, no weights needed
+    python run.py +model=qwen36_35b model.path=DIR         # the real model
+    python run.py +model=local model.path=DIR              # any HF checkpoint of this architecture
+    python run.py --multirun tiers=default,coarse placement.expert_budget_gb=0.02,0.05
+    python -m runtime.sweep_summary multirun/DATE/TIME     # that sweep as a table and a plot
+
+A run goes: config -> validated settings -> memory plan (refused when it does not fit) -> model
+directory (the demo is built on first use) -> engine -> warm-up (compiles every graph shape) ->
+generation, streamed -> timings and counters on stdout, the whole record as metrics.json in the
+Hydra output directory (and in output_json=FILE when asked). Config mistakes end the run with
+one `error:` line per problem and status 2; a model that is missing or does not fit, status 1.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GLOG_v", "3")  # before anything imports MindSpore: its C++ INFO logs drown the output
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from dataclasses import asdict, dataclass
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from convert.spec import CheckpointError, ModelSpec
+from runtime import settings
+from offload.tiers import TierSet
+from runtime.plan import ALL, AUTO, DeviceProfile, Placement, plan_memory, size
+from runtime.prompting import PromptSource, TextStream, apply_chat_template, prompt_source, shown
+from runtime.settings import ConfigError
+
+CONF = Path(__file__).resolve().parent / "conf"
+DEMO_NOTE = ("The demo model's weights are random, so its text is gibberish: it shows the pipeline "
+             "(HF checkpoint, compiled graphs, routed experts, streaming), not a language model.")
+
+
+class CannotRun(RuntimeError):
+    """The config is fine but the run cannot happen here (missing weights, not enough memory)."""
+
+
+# ---- the one place run.py meets the engine builders ------------------------------------------------
+
+RUNS_TODAY = Placement(ALL)  # what build_engine below can do: every expert resident
+
+
+def build_engine(model_dir: Path, tiers, buckets, max_context: int):
+    """The engine for a run. Today only `runtime.build.engine_from_checkpoint` exists: an HF directory,
+    every expert resident, MindSpore's CPU backend. The artifact loader (`engine_from_artifact`,
+    from `python -m convert`) and the offload controller (`engine_with_offload`: expert budget,
+    policy, prefetch, host compute) plug in here; `RUNS_TODAY` and `inactive_options` then lose
+    what they make active."""
+    from runtime.build import engine_from_checkpoint  # MindSpore loads here: plans and config errors stay fast
+
+    return engine_from_checkpoint(model_dir, tiers, buckets, max_context)
+
+
+def inactive_options(placement: Placement, model: DictConfig) -> list[str]:
+    """Settings that validate but do not act yet, said plainly at the start of a run."""
+    notes = []
+    if placement.expert_budget_gb not in (AUTO, ALL):
+        notes.append(f"placement.expert_budget_gb={placement.expert_budget_gb:g} (policy {placement.policy}): "
+                     "no expert slot pool yet (offload controller, issue 4); every expert stays resident")
+    if placement.prefetch:
+        notes.append("placement.prefetch=true: nothing streams yet, so nothing is prefetched (issue 4)")
+    if placement.host_compute != "never":
+        notes.append(f"placement.host_compute={list(placement.host_compute) if isinstance(placement.host_compute, tuple) else placement.host_compute}: "
+                     "the CPU/NPU split is not built yet (issue 4); on the CPU backend every expert runs on the host anyway")
+    if model.get("artifact"):
+        notes.append(f"model.artifact={model.artifact}: artifact directories do not run yet (python -m convert, "
+                     "issue 3); reading the HF checkpoint at model.path")
+    return notes
+
+
+def counters(engine) -> dict:
+    """Everything the engine counted, as JSON. The offload controller adds its hits, misses and bytes here."""
+    c = engine.dispatcher.counters
+    tiers = [{"capacity": t.capacity, "group": t.group, "launches": c.launches[i], "tokens": c.tokens[i],
+              "padding": c.padding[i]} for i, t in enumerate(engine.dispatcher.tiers)]
+    return {"dispatch": {"tiers": tiers, "expert_tokens": c.expert_tokens}, "offload": None}
+
+
+def reset_counters(engine) -> None:
+    from offload.dispatch import DispatchCounters
+
+    engine.dispatcher.counters = DispatchCounters.for_tiers(engine.dispatcher.tiers)
+
+
+# ---- model ------------------------------------------------------------------------------------------
+
+def chosen_model(cfg: DictConfig) -> DictConfig:
+    """`+model=NAME` when given, else the demo's own config file."""
+    model = cfg.model if "model" in cfg else OmegaConf.load(CONF / "model" / "demo.yaml")
+    if model.get("kind") not in ("demo", "hf"):
+        raise ConfigError(f"model.kind must be demo or hf, got {model.get('kind')!r}")
+    if model.kind == "hf" and OmegaConf.is_missing(model, "path"):
+        raise ConfigError(f"model.path is required: python run.py +model={model.name} model.path=DIR")
+    return model
+
+
+def hf_path(model: DictConfig) -> Path:
+    return Path(str(model.path)).expanduser()
+
+
+def has_weights(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(
+        (path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def missing_weights(model: DictConfig, path: Path) -> CannotRun:
+    if (path / "manifest.json").is_file():
+        return CannotRun(f"{path} is a converted artifact; artifacts do not run yet (issue 3): "
+                         "point model.path at the HF checkpoint directory")
+    repo = model.get("hf_repo")
+    if repo is None:
+        return CannotRun(f"no HF checkpoint at model.path={path}: it needs config.json and model.safetensors "
+                         "(or shards and model.safetensors.index.json)")
+    return CannotRun("\n".join([
+        f"the weights of {model.name} are not at {path} (model.path).",
+        f"  1. Download the Hugging Face repository {repo} (about 67 GB, BF16) into that directory, e.g.",
+        f"       hf download {repo} --local-dir {path}",
+        f"     (huggingface_hub's CLI, on a machine with network), or pass model.path=DIR for a copy elsewhere.",
+        f"  2. Convert it once:  python -m convert --model-dir {path} --out {path}-ferry",
+        f"     (python -m convert is not built yet (issue 3); until it is, run.py reads the HF directory directly",
+        f"     and this step is skipped.)",
+        f"  3. Run:  python run.py +model={model.name} model.path={path}",
+    ]))
+
+
+def model_dir_and_spec(model: DictConfig, mode: str) -> tuple[Path | None, ModelSpec]:
+    """The checkpoint directory (None when planning without one) and its spec."""
+    if model.kind == "demo":
+        from runtime.demo import demo_spec
+
+        return None, demo_spec(settings.plain(model.config))
+    path = hf_path(model)
+    if mode == "run" and not has_weights(path):
+        raise missing_weights(model, path)
+    if model.get("config") is None and not (path / "config.json").is_file():
+        raise missing_weights(model, path)
+    return path, settings.model_spec(model, path)
+
+
+# ---- prompt -----------------------------------------------------------------------------------------
+
+def prompt_ids(source: PromptSource, tokenizer, model_dir: Path, cfg: DictConfig, spec: ModelSpec) -> list[int]:
+    if source.ids is not None:
+        if cfg.chat:
+            raise ConfigError("chat=true needs a text prompt (prompt=... or prompt_file=...), not prompt_ids")
+        ids = list(source.ids)
+    else:
+        if tokenizer is None:
+            raise ConfigError(f"{model_dir} has no tokenizer.json: give the prompt as prompt_ids=[...]")
+        text = source.text
+        if cfg.chat:
+            text = apply_chat_template(model_dir, text, settings.plain(cfg.chat_template_kwargs) or {})
+        ids = tokenizer.encode(text, add_special_tokens=not cfg.chat).ids
+        if not ids:
+            raise ConfigError(f"{source.origin} is empty: nothing to generate from")
+    bad = [i for i in ids if i >= spec.vocab_size]
+    if bad:
+        raise ConfigError(f"prompt_ids {bad[:5]} are outside the vocabulary (size {spec.vocab_size})")
+    return ids
+
+
+# ---- report -----------------------------------------------------------------------------------------
+
+def counters_table(record: dict) -> str:
+    lines = ["counters  expert-group launches per capacity tier",
+             "  tier [G x C]    launches    tokens   padding   fill"]
+    for tier in record["dispatch"]["tiers"]:
+        slots = tier["tokens"] + tier["padding"]
+        fill = f"{100 * tier['tokens'] / slots:.0f}%" if slots else "-"
+        shape = f"[{tier['group']} x {tier['capacity']}]"
+        lines.append(f"  {shape:<14}{tier['launches']:>10}{tier['tokens']:>10}{tier['padding']:>10}{fill:>7}")
+    lines.append(f"  expert-token rows routed: {record['dispatch']['expert_tokens']}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Atomically: a reader (a sweep summary, a test) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def hydra_context() -> tuple[Path | None, dict, list[str], bool]:
+    """Output directory, group choices, command-line overrides, and whether this is a multirun job."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # not under Hydra (called from Python)
+        return None, {}, [], False
+    return (Path(hc.runtime.output_dir), dict(hc.runtime.choices), list(hc.overrides.task),
+            hc.mode == RunMode.MULTIRUN)
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything a run needs, validated before anything heavy is loaded."""
+
+    model: DictConfig
+    spec: ModelSpec
+    model_dir: Path | None
+    device: DeviceProfile
+    placement: Placement
+    tiers: TierSet
+    buckets: tuple[int, ...]
+    max_context: int
+
+
+def validated(cfg: DictConfig) -> Run:
+    if cfg.mode not in ("run", "plan"):
+        raise ConfigError(f"mode must be run or plan, got {cfg.mode!r}")
+    model = chosen_model(cfg)
+    device = settings.device_profile(cfg.device)
+    placement = settings.placement(cfg.placement)
+    buckets = settings.prefill_buckets(cfg.prefill_buckets)
+    context = cfg.max_context if cfg.max_context is not None else model.max_context
+    max_context = settings.positive_int(context, "max_context")
+    model_dir, spec = model_dir_and_spec(model, cfg.mode)
+    if not cfg.get("tiers"):
+        raise ConfigError("tiers is empty: choose tiers=default|fine|coarse or write conf/tiers/NAME.yaml")
+    tiers = settings.tier_set(cfg.tiers, spec)
+    return Run(model, spec, model_dir, device, placement, tiers, buckets, max_context)
+
+
+def plan_mode(r: Run) -> int:
+    plan = plan_memory(r.spec, r.device, r.placement, r.max_context, r.buckets[-1], r.tiers, r.model.name)
+    print(plan.format())
+    if r.placement.expert_budget_gb != ALL and not plan.all_resident:
+        print("  note: runs today keep every expert resident (the offload controller is issue 4); "
+              "this plan is for when experts stream")
+    return 0 if plan.fits else 1
+
+
+def run_mode(cfg: DictConfig, r: Run, say) -> dict:
+    """Generate, streaming unless quiet; return the run's record."""
+    started = time.perf_counter()
+    if r.device.backend != "CPU":
+        raise ConfigError(f"device={r.device.name} can be planned (mode=plan) but not run yet: "
+                          "runtime.backend sets up MindSpore's CPU backend only")
+    sampling = settings.sampling(cfg.sampling)
+    max_new = settings.positive_int(cfg.max_new_tokens, "max_new_tokens")
+    source = prompt_source(cfg.prompt, cfg.prompt_file, cfg.prompt_ids, r.model.get("default_prompt"))
+    from runtime.engine import Buckets  # imports MindSpore; Buckets adds its own check (the DeltaNet chunk)
+
+    try:
+        buckets = Buckets(r.buckets)
+    except ValueError as err:
+        raise ConfigError(f"prefill_buckets: {err}") from None
+    notes = inactive_options(r.placement, r.model)
+    plan = plan_memory(r.spec, r.device, RUNS_TODAY, r.max_context, r.buckets[-1], r.tiers, r.model.name)
+    if not plan.fits:
+        print(plan.format())
+        raise CannotRun(f"this run does not fit {r.device.name}: {plan.problems[0]}"
+                        + ("" if plan.all_resident else "; experts would have to stream, and the offload "
+                           "controller is not built yet (issue 4)"))
+
+    model_dir = r.model_dir
+    if r.model.kind == "demo":
+        from runtime.demo import ensure_demo
+
+        say(DEMO_NOTE)
+        demo = ensure_demo(settings.plain(r.model.config), int(r.model.seed), r.model.cache_dir)
+        model_dir = demo.path
+        say(f"model     demo, " + (f"built now in {demo.seconds:.1f} s: " if demo.built_now else "cached: ")
+            + str(model_dir))
+    else:
+        say(f"model     {r.model.name}: {model_dir}")
+    kinds = r.spec.layer_types
+    say(f"          {r.spec.num_layers} layers ({kinds.count('linear_attention')} DeltaNet + "
+        f"{kinds.count('full_attention')} attention), {r.spec.num_experts} experts top-{r.spec.num_experts_per_tok}, "
+        f"hidden {r.spec.hidden_size}, vocab {r.spec.vocab_size}")
+    say(f"plan      {size(plan.total)} of {size(r.device.memory_bytes)} on {r.device.name}, "
+        f"all {plan.total_experts} experts resident: fits")
+    for note in notes:
+        say(f"not active yet: {note}")
+
+    from runtime.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    ids = prompt_ids(source, tokenizer, model_dir, cfg, r.spec)
+    if len(ids) > r.max_context:
+        raise ConfigError(f"the prompt is {len(ids)} tokens, longer than max_context={r.max_context}; "
+                          "shorten it or raise max_context (the memory plan grows with it)")
+    if len(ids) + max_new - 1 > r.max_context:
+        max_new = r.max_context - len(ids) + 1
+        say(f"note      max_new_tokens lowered to {max_new}: the prompt ({len(ids)} tokens) and the reply "
+            f"must fit max_context={r.max_context}")
+    text = tokenizer.decode(ids, skip_special_tokens=False) if tokenizer else None
+    say(f"prompt    {len(ids)} tokens from {source.origin}" + (f": {shown(text)!r}" if text is not None else ""))
+
+    from runtime.backend import configure
+    from runtime.generate import generate
+
+    configure(r.device.backend, cfg.device.get("threads"))
+    t0 = time.perf_counter()
+    engine = build_engine(model_dir, r.tiers, buckets, r.max_context)
+    build_s = time.perf_counter() - t0
+    warmup_s = 0.0
+    if cfg.warmup:
+        t0 = time.perf_counter()
+        generate(engine, ids, min(2, max_new), sampling)
+        warmup_s = time.perf_counter() - t0
+        reset_counters(engine)
+    say(f"engine    built in {build_s:.1f} s" + (f", graphs compiled by a warm-up run in {warmup_s:.1f} s"
+                                                 if cfg.warmup else " (no warm-up: the first token includes compiling)"))
+    say("-" * 72)
+    stream = TextStream(tokenizer) if tokenizer is not None and cfg.stream and say is print else None
+
+    def on_token(token: int) -> None:
+        if stream is not None:
+            sys.stdout.write(shown(stream.push(token)))
+            sys.stdout.flush()
+
+    result = generate(engine, ids, max_new, sampling, on_token=on_token)
+    out_text = tokenizer.decode(result.token_ids, skip_special_tokens=False) if tokenizer is not None else None
+    if stream is not None:
+        say(shown(stream.flush()))
+    else:
+        say(shown(out_text) if out_text is not None else f"generated ids: {result.token_ids}")
+    say("-" * 72)
+    timings = {
+        "build_s": build_s, "warmup_s": warmup_s, "ttft_s": result.time_to_first_token,
+        "prefill_tokens_per_s": len(ids) / result.time_to_first_token if result.time_to_first_token else 0.0,
+        "decode_s": result.decode_time, "decode_tokens_per_s": result.decode_tokens_per_s,
+        "generated_tokens": len(result.token_ids), "wall_s": time.perf_counter() - started,
+    }
+    return {
+        "model": {"name": r.model.name, "path": str(model_dir), "demo": r.model.kind == "demo",
+                  "spec": r.spec.to_dict()},
+        "settings": {
+            "device": r.device.name, "placement": asdict(r.placement),
+            "tiers": [{"capacity": t.capacity, "group": t.group} for t in r.tiers],
+            "prefill_buckets": list(r.buckets), "max_context": r.max_context, "max_new_tokens": max_new,
+            "sampling": asdict(sampling), "chat": bool(cfg.chat), "warmup": bool(cfg.warmup),
+        },
+        "inactive": notes,
+        "prompt_origin": source.origin, "prompt_ids": ids, "generated_ids": result.token_ids, "text": out_text,
+        "stopped_on_eos": result.stopped_on_eos, "timings": timings, "counters": counters(engine),
+        "plan": plan.to_dict(),
+    }
+
+
+def report(record: dict, cfg: DictConfig, say) -> None:
+    t = record["timings"]
+    stop = "EOS" if record["stopped_on_eos"] else f"max_new_tokens={record['settings']['max_new_tokens']}"
+    say(f"timings   time to first token {t['ttft_s'] * 1e3:.0f} ms (prefill of {len(record['prompt_ids'])} tokens), "
+        f"decode {t['decode_tokens_per_s']:.1f} tokens/s over {t['generated_tokens']} tokens (stopped at {stop}), "
+        f"{t['wall_s']:.1f} s in run.py")
+    say(counters_table(record["counters"]))
+    output_dir, choices, overrides, multirun = hydra_context()
+    record.update(choices=choices, overrides=overrides)
+    written = []
+    if output_dir is not None:
+        written.append(output_dir / "metrics.json")
+    if cfg.output_json:
+        written.append(Path(str(cfg.output_json)).expanduser())
+    for path in written:
+        write_json(path, record)
+        say(f"record    {path}")
+    if record["model"]["demo"]:
+        say("(random weights: gibberish is the expected output)")
+    if multirun:  # one line per job: parallel jobs would interleave anything longer
+        print(f"job {' '.join(overrides) or '(no overrides)'}: decode {t['decode_tokens_per_s']:.1f} tokens/s, "
+              f"first token {t['ttft_s'] * 1e3:.0f} ms, {t['generated_tokens']} tokens -> {written[0]}", flush=True)
+
+
+def run(cfg: DictConfig) -> int:
+    r = validated(cfg)
+    if cfg.mode == "plan":
+        return plan_mode(r)
+    multirun = hydra_context()[3]
+    say = (lambda *args, **kwargs: None) if multirun else print
+    report(run_mode(cfg, r, say), cfg, say)
+    sys.stdout.flush()
+    return 0
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        status = run(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (CannotRun, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if status:
+        raise SystemExit(status)
+
+
+GROUPS = ("model", "device", "placement", "tiers")
+
+
+def check_group_overrides(args: list[str]) -> None:
+    """Hydra reads `group=[...]` as a choice of several files and fails inside itself; say what to do instead."""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") in GROUPS and value.lstrip().startswith(("[", "{")):
+            group = key.lstrip("+~")
+            options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+            example = "tiers.1.capacity=16" if group == "tiers" else f"{group}.<field>=..."
+            print(f"error: {group} is a config group: choose a file ({group}={'|'.join(options)}), add one as "
+                  f"conf/{group}/NAME.yaml, or override a field (e.g. {example})", file=sys.stderr)
+            raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    check_group_overrides(sys.argv[1:])
+    main()

@@ -1,0 +1,146 @@
+"""Hydra config -> validated settings. Every error names the config key, the value and what is allowed.
+
+`run.py` turns each part of the composed config into the typed object the runtime takes, here, so
+a bad override stops the run before anything is loaded, with one line per problem and no traceback.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from convert.spec import CheckpointError, ModelSpec, load_spec, spec_from_config
+from offload.policies import POLICIES
+from offload.tiers import TierSet, from_config
+from runtime.plan import ALL, AUTO, DTYPE_BYTES, GIB, DeviceProfile, Placement
+from runtime.sampling import Sampling
+
+
+class ConfigError(ValueError):
+    """A config value Ferry cannot run with; the message names the key."""
+
+
+def plain(node):
+    """An OmegaConf node as plain Python containers (interpolations resolved)."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def _number(value, key: str, allow_zero: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return float(value)
+
+
+def _host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_profile(cfg: Mapping) -> DeviceProfile:
+    cfg = plain(cfg)
+    dtype = cfg.get("compute_dtype")
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError(f"device.compute_dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r} "
+                          "(BF16 is a storage format here: MindSpore's CPU kernels and the 310P3 do not compute in it)")
+    memory = cfg.get("memory_gb")
+    memory_bytes = _host_memory_bytes() if memory == "auto" else int(_number(memory, "device.memory_gb", False) * GIB)
+    reserved = int(_number(cfg.get("reserved_gb", 0), "device.reserved_gb") * GIB)
+    bandwidths = {}
+    for key in ("h2d_gbps", "memory_gbps"):
+        value = cfg.get(key)
+        bandwidths[key] = None if value is None else _number(value, f"device.{key}", False)
+    threads = cfg.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"device.threads must be a positive integer or null, got {threads!r}")
+    return DeviceProfile(str(cfg.get("name")), str(cfg.get("backend")), memory_bytes, reserved, dtype, **bandwidths)
+
+
+def placement(cfg: Mapping) -> Placement:
+    cfg = plain(cfg)
+    budget = cfg.get("expert_budget_gb")
+    if budget not in (AUTO, ALL):
+        if isinstance(budget, str) or budget is None:
+            raise ConfigError(f"placement.expert_budget_gb must be a size in GiB, '{AUTO}' or '{ALL}', got {budget!r}")
+        budget = _number(budget, "placement.expert_budget_gb")
+    policy = cfg.get("policy")
+    if policy not in POLICIES:
+        raise ConfigError(f"placement.policy must be one of {sorted(POLICIES)}, got {policy!r}")
+    prefetch = cfg.get("prefetch")
+    if not isinstance(prefetch, bool):
+        raise ConfigError(f"placement.prefetch must be true or false, got {prefetch!r}")
+    host = cfg.get("host_compute")
+    if isinstance(host, list):
+        if not all(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0 for layer in host):
+            raise ConfigError(f"placement.host_compute layers must be non-negative integers, got {host}")
+        host = tuple(host)
+    elif host not in ("never", "auto"):
+        raise ConfigError(f"placement.host_compute must be never, auto or a list of layers, got {host!r}")
+    return Placement(budget, policy, prefetch, host)
+
+
+def tier_set(entries, spec: ModelSpec) -> TierSet:
+    """The `tiers:` list; entries without a group take the model's experts per token."""
+    entries = plain(entries)
+    if not isinstance(entries, list):
+        raise ConfigError(f"tiers must be a list of {{capacity, group}} entries, got {entries!r}")
+    try:
+        return from_config(entries, default_group=spec.num_experts_per_tok)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"tiers: {err}") from None
+
+
+def prefill_buckets(values) -> tuple[int, ...]:
+    """Checked by `runtime.engine.Buckets` when the engine is built; here only its shape."""
+    values = plain(values)
+    if (not isinstance(values, list) or not values
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)):
+        raise ConfigError(f"prefill_buckets must be a non-empty list of positive token counts, got {values!r}")
+    if values != sorted(set(values)):
+        raise ConfigError(f"prefill_buckets must be sorted and distinct, got {values}")
+    return tuple(values)
+
+
+def sampling(cfg: Mapping) -> Sampling:
+    cfg = plain(cfg)
+    unknown = set(cfg) - {"temperature", "top_k", "top_p", "seed"}
+    if unknown:
+        raise ConfigError(f"sampling has unknown keys {sorted(unknown)}; known: temperature, top_k, top_p, seed")
+    try:
+        return Sampling(**cfg)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sampling: {err}") from None
+
+
+def positive_int(value, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def model_spec(model: Mapping, path: Path | None) -> ModelSpec:
+    """The spec from `model.config` and/or the checkpoint at `path`; both must agree when both exist."""
+    from_conf = None
+    if model.get("config") is not None:
+        try:
+            from_conf = spec_from_config(plain(model["config"]), Path(f"conf/model/{model.get('name')}.yaml"))
+        except CheckpointError as err:
+            raise ConfigError(str(err)) from None
+    if path is None or not (path / "config.json").is_file():
+        if from_conf is None:
+            raise ConfigError(f"model '{model.get('name')}' has no config and no config.json at {path}")
+        return from_conf
+    found = load_spec(path)
+    if from_conf is not None:
+        differ = [name for name in from_conf.to_dict() if name != "eos_token_ids"
+                  and getattr(from_conf, name) != getattr(found, name)]
+        if differ:
+            shown = ", ".join(f"{n}: {getattr(from_conf, n)} vs {getattr(found, n)}" for n in differ[:4])
+            raise ConfigError(f"{path}/config.json is not model '{model.get('name')}' (conf vs checkpoint: {shown}); "
+                              "point model.path at the right directory or use +model=local")
+    return found
+

@@ -1,0 +1,340 @@
+"""run.py end to end: the demo through Hydra overrides, the memory plan, sweeps and their summary, errors.
+
+Runs are subprocesses, as a user starts them. The demo checkpoint is built once per session into a
+temporary cache (FERRY_DEMO_CACHE), and every Hydra output directory is a temporary one, so nothing
+is written into the home directory or the repository.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from convert.checkpoint import Checkpoint
+from runtime import settings
+from runtime.demo import CHAT_TEMPLATE, demo_spec, ensure_demo
+from runtime.plan import GIB, DeviceProfile, Placement, dense_params, plan_memory
+from runtime.prompting import TextStream, apply_chat_template, shown
+from runtime.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+DEMO = OmegaConf.load(CONF / "model" / "demo.yaml")
+PROMPT_IDS = [37, 5, 211, 90, 400, 17, 3, 64, 99]
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """(cache dir, checkpoint dir) of the demo, built once."""
+    cache = tmp_path_factory.mktemp("demo-cache")
+    return cache, ensure_demo(settings.plain(DEMO.config), DEMO.seed, cache).path
+
+
+def ferry(args, cwd: Path, cache: Path, module=None, timeout=400) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` (or `python -m MODULE ARGS`) in `cwd`; single runs write their Hydra dir there."""
+    command = [sys.executable, "-m", module] if module else [sys.executable, str(REPO / "run.py")]
+    if module is None and "--multirun" not in args:
+        args = [*args, f"hydra.run.dir={cwd / 'out'}"]
+    env = {**os.environ, "FERRY_DEMO_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    return subprocess.run(command + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean(proc: subprocess.CompletedProcess, status: int = 0) -> None:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == status, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+
+
+# ---- the demo checkpoint ----------------------------------------------------------------------------
+
+def test_demo_is_deterministic_cached_and_a_valid_hf_checkpoint(demo, tmp_path):
+    cache, path = demo
+    again = ensure_demo(settings.plain(DEMO.config), DEMO.seed, tmp_path)
+    assert again.built_now and again.path.name == path.name
+    files = sorted(p.name for p in path.iterdir())
+    assert files == sorted(p.name for p in again.path.iterdir())
+    for name in files:
+        assert (path / name).read_bytes() == (again.path / name).read_bytes(), name
+    assert not ensure_demo(settings.plain(DEMO.config), DEMO.seed, cache).built_now
+    assert [p.name for p in cache.iterdir()] == [path.name]  # no temporary directories left
+
+    spec = Checkpoint(path).spec  # every tensor present, mapped and of the right shape
+    assert spec.layer_types == ("linear_attention",) * 3 + ("full_attention",)
+    assert (spec.num_experts, spec.num_experts_per_tok, spec.hidden_size) == (32, 4, 256)
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.get_vocab_size() == spec.vocab_size == 1024
+    text = "The ferry carries crates across the river."
+    assert tokenizer.decode(tokenizer.encode(text).ids) == text
+    assert json.loads((path / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    assert set(spec.eos_token_ids) == {tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")}
+
+
+def test_interrupted_demo_build_leaves_nothing(tmp_path, monkeypatch):
+    import runtime.demo
+
+    def fail(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runtime.demo, "_write_tokenizer_files", fail)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_demo(settings.plain(DEMO.config), DEMO.seed, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_chat_template_and_streamed_text(demo):
+    _, path = demo
+    rendered = apply_chat_template(path, "Where does the ferry go?", {})
+    assert rendered == "<|im_start|>user\nWhere does the ferry go?<|im_end|>\n<|im_start|>assistant\n"
+    tokenizer = load_tokenizer(path)
+    text = "Fähre über den Fluß, 渡し船 🚢 ferry"  # multi-byte characters split over byte-level tokens
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(token) for token in tokenizer.encode(text).ids] + [stream.flush()]
+    assert "".join(pieces) == text and not any("\ufffd" in piece for piece in pieces)
+    assert shown("a\x03b\n") == "a\ufffdb\n"
+
+
+# ---- generation through run.py ----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_prompt_ids_run_writes_a_faithful_record(demo, tmp_path):
+    cache, path = demo
+    proc = ferry([f"prompt_ids=[{','.join(map(str, PROMPT_IDS))}]", "max_new_tokens=6", "output_json=record.json"],
+                 tmp_path, cache)
+    assert_clean(proc)
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record == json.loads((tmp_path / "out" / "metrics.json").read_text())
+    generated = record["generated_ids"]
+    assert record["prompt_ids"] == PROMPT_IDS and record["prompt_origin"] == "prompt_ids"
+    assert len(generated) == 6 or record["stopped_on_eos"]
+    assert record["text"] == load_tokenizer(path).decode(generated, skip_special_tokens=False)
+    timings = record["timings"]
+    assert timings["ttft_s"] > 0 and timings["decode_tokens_per_s"] > 0 and timings["warmup_s"] > 0
+    spec = record["model"]["spec"]
+    dispatch = record["counters"]["dispatch"]
+    routed = (len(PROMPT_IDS) + len(generated) - 1) * spec["num_experts_per_tok"] * spec["num_layers"]
+    assert dispatch["expert_tokens"] == sum(t["tokens"] for t in dispatch["tiers"]) == routed  # warm-up not counted
+    assert record["choices"]["tiers"] == "default" and record["inactive"] == []
+    assert record["plan"]["fits"] and record["plan"]["slots"] == record["plan"]["total_experts"] == 128
+
+    # the same tokens as the engine driven directly from Python: run.py adds nothing to the numbers
+    from runtime.build import engine_from_checkpoint
+    from runtime.engine import Buckets
+    from runtime.generate import generate
+
+    engine = engine_from_checkpoint(path, buckets=Buckets((16, 64)), max_context=DEMO.max_context)
+    assert generate(engine, PROMPT_IDS, 6).token_ids == generated
+
+
+@pytest.mark.slow
+def test_no_arguments_runs_the_demo_and_streams_its_text(demo, tmp_path):
+    cache, _ = demo
+    proc = ferry([], tmp_path, cache)
+    assert_clean(proc)
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert record["prompt_origin"] == "model.default_prompt" and record["model"]["demo"]
+    assert "gibberish" in proc.stdout
+    assert shown(record["text"]) in proc.stdout  # the streamed pieces add up to the whole text
+    assert re.search(r"time to first token \d+ ms", proc.stdout)
+    assert re.search(r"\[4 x 1\]\s+\d+", proc.stdout)  # the counters table
+
+
+@pytest.mark.slow
+def test_local_hf_directory_with_the_chat_template(demo, tmp_path):
+    cache, path = demo
+    proc = ferry(["+model=local", f"model.path={path}", "chat=true", "prompt='Where does the ferry go?'",
+                  "max_new_tokens=3", "warmup=false", "output_json=chat.json"], tmp_path, cache)
+    assert_clean(proc)
+    record = json.loads((tmp_path / "chat.json").read_text())
+    chat = "<|im_start|>user\nWhere does the ferry go?<|im_end|>\n<|im_start|>assistant\n"
+    assert record["prompt_ids"] == load_tokenizer(path).encode(chat, add_special_tokens=False).ids
+    assert record["model"] == {**record["model"], "name": "local", "demo": False, "path": str(path)}
+    assert "gibberish" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_multirun_sweep_and_its_summary(demo, tmp_path):
+    cache, _ = demo
+    sweep = tmp_path / "sweep"
+    proc = ferry(["--multirun", "tiers=default,coarse", "placement.expert_budget_gb=0.02,0.05", "max_new_tokens=3",
+                  "warmup=false", f"prompt_ids=[{','.join(map(str, PROMPT_IDS))}]", f"hydra.sweep.dir={sweep}"],
+                 tmp_path, cache)
+    assert_clean(proc)
+    records = {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+    assert sorted(records) == [0, 1, 2, 3]
+    for job, record in records.items():
+        tiers = "default" if job < 2 else "coarse"
+        assert record["choices"]["tiers"] == tiers
+        assert len(record["counters"]["dispatch"]["tiers"]) == (3 if tiers == "default" else 2)
+        assert record["settings"]["placement"]["expert_budget_gb"] == (0.02, 0.05)[job % 2]
+        assert "placement.expert_budget_gb" in record["inactive"][0]  # said plainly: no slot pool yet
+        assert record["generated_ids"] == records[0]["generated_ids"]  # tiers never change the tokens
+    assert proc.stdout.count("job tiers=") == 4  # one line per job, nothing interleaved
+
+    summary = ferry([str(sweep)], REPO, cache, module="runtime.sweep_summary")
+    assert_clean(summary)
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("job,tiers,placement.expert_budget_gb,decode tok/s")
+    assert [r.split(",")[:3] for r in rows[1:]] == [["0", "default", "0.02"], ["1", "default", "0.05"],
+                                                     ["2", "coarse", "0.02"], ["3", "coarse", "0.05"]]
+    plot = ET.parse(sweep / "summary.svg").getroot()
+    assert len(plot.findall("{http://www.w3.org/2000/svg}polyline")) == 2  # one line per tiers option
+    assert "| coarse" in summary.stdout
+
+
+# ---- the memory plan --------------------------------------------------------------------------------
+
+def test_qwen36_dense_parameters_match_the_architecture():
+    h, v = 2048, 248320
+    shared = 3 * 512 * h + h  # gate, up, down and the sigmoid gate
+    common = 2 * h + 256 * h + shared  # two norms, router, shared expert
+    attention = (2 * 16 * 256 + 2 * 2 * 256) * h + h * 16 * 256 + 2 * 256
+    deltanet = (2 * 16 * 128 + 32 * 128 + 32 * 128 + 2 * 32) * h + 8192 * 4 + 2 * 32 + 128 + h * 32 * 128
+    spec = settings.model_spec(OmegaConf.load(CONF / "model" / "qwen36_35b.yaml"), None)
+    assert dense_params(spec) == (2 * v * h + h, 40 * common + 10 * attention + 30 * deltanet)
+    assert spec.expert_params * 40 * 256 + sum(dense_params(spec)) == pytest.approx(34.66e9, rel=1e-3)
+
+
+def test_plan_of_qwen36_on_the_310p3(tmp_path):
+    proc = ferry(["mode=plan", "+model=qwen36_35b", "device=ascend_310p3"], tmp_path, tmp_path)
+    assert_clean(proc)
+    out = proc.stdout
+    assert "qwen36_35b on ascend_310p3 (24.00 GiB), context 32768 tokens, FP16 compute" in out
+    assert re.search(r"dense weights\s+4\.56 GiB\s+2\.45 B params", out)
+    assert re.search(r"KV cache\s+640\.0 MiB\s+10 attention layers", out)
+    assert re.search(r"DeltaNet state\s+62\.8 MiB\s+30 layers", out)
+    assert re.search(r"expert slot pool\s+16\.49 GiB\s+2815 of 10240 experts \(27\.5%\) x 6\.0 MiB", out)
+    assert re.search(r"total\s+24\.00 GiB\s+of 24\.00 GiB: fits", out)
+    assert "one expert in 262 us at 24 GB/s" in out  # 6.3 MB over PCIe 4.0 x16, as measured in DESIGN.md
+
+    resident = ferry(["mode=plan", "+model=qwen36_35b", "device=ascend_310p3", "placement=resident"], tmp_path, tmp_path)
+    assert_clean(resident, status=1)
+    assert "needs 67.50 GiB, ascend_310p3 has 24.00 GiB" in resident.stdout
+    assert "the largest expert budget that fits is 16.49 GiB (2815 slots)" in resident.stdout
+
+
+def test_plan_refuses_a_pool_smaller_than_one_launch():
+    spec = settings.model_spec(OmegaConf.load(CONF / "model" / "qwen36_35b.yaml"), None)
+    device = DeviceProfile("card", "Ascend", 24 * GIB, 2 * GIB, "float16")
+    tiers = settings.tier_set([{"capacity": 1}, {"capacity": 64, "group": 2}], spec)
+    plan = plan_memory(spec, device, Placement(0.02), 4096, 64, tiers, "qwen")
+    assert not plan.fits and plan.slots == 3
+    assert "holds 3 expert slot(s) of 6.0 MiB; the widest tier launches 8 experts" in plan.problems[0]
+    roomy = plan_memory(spec, device, Placement(8), 4096, 64, tiers, "qwen")
+    assert roomy.fits and roomy.slots == 8 * GIB // (3 * 512 * 2048 * 2)
+
+
+# ---- config ----------------------------------------------------------------------------------------
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_every_config_composes_and_validates(demo):
+    _, path = demo
+    defaults = OmegaConf.load(CONF / "config.yaml").defaults
+    assert defaults[0] == "_self_" and not any("model" in str(d) for d in defaults)
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        for model in [None, *options("model")]:
+            extra = [f"+model={model}"] if model else []
+            if model == "local":
+                extra.append(f"model.path={path}")
+            for device in options("device"):
+                for placement in options("placement"):
+                    for tiers in options("tiers"):
+                        cfg = compose("config", [f"device={device}", f"placement={placement}", f"tiers={tiers}", *extra])
+                        model_cfg = cfg.model if model else DEMO
+                        spec = (settings.model_spec(model_cfg, Path(str(model_cfg.path))) if model_cfg.kind == "hf"
+                                else demo_spec(settings.plain(model_cfg.config)))
+                        settings.device_profile(cfg.device)
+                        settings.placement(cfg.placement)
+                        settings.tier_set(cfg.tiers, spec)
+                        settings.prefill_buckets(cfg.prefill_buckets)
+                        settings.sampling(cfg.sampling)
+
+
+def write_tiers(tmp_path: Path, name: str, body: str) -> str:
+    (tmp_path / "conf" / "tiers").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "conf" / "tiers" / f"{name}.yaml").write_text(f"# @package _global_\n{body}\n")
+    return f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+
+
+BAD = [
+    (["placement.expert_budget_gb=-1"], 2, "placement.expert_budget_gb must be >= 0, got -1"),
+    (["placement.expert_budget_gb=lots"], 2, "must be a size in GiB, 'auto' or 'all'"),
+    (["placement.policy=fifo"], 2, "placement.policy must be one of"),
+    (["tiers.0.capacity=128"], 2, "capacities must be sorted ascending: entry 1 has capacity 8 after 128"),
+    (["tiers=[]"], 2, "tiers is a config group"),
+    (["device=nosuch"], 1, "Could not find 'device/nosuch'"),
+    (["+model=nosuch"], 1, "Could not find 'model/nosuch'"),
+    (["model=demo"], 1, "To append to your default list use +model=demo"),
+    (["mode=serve"], 2, "mode must be run or plan"),
+    (["max_new_tokens=0"], 2, "max_new_tokens must be a positive integer"),
+    (["sampling.temperature=-1"], 2, "temperature must be >= 0"),
+    (["prefill_buckets=[64,16]"], 2, "prefill_buckets must be sorted and distinct"),
+    (["prefill_buckets=[16,100]"], 2, "must be below 64 or a multiple of it"),
+    (["device=ascend_310p3"], 2, "can be planned (mode=plan) but not run yet"),
+    (["+model=local"], 2, "model.path is required: python run.py +model=local model.path=DIR"),
+    (["prompt=hi", "prompt_ids=[1,2]"], 2, "give one of prompt, prompt_file, prompt_ids, not prompt and prompt_ids"),
+    (["prompt_file=/no/such/prompt.txt"], 2, "prompt_file=/no/such/prompt.txt: no such file"),
+    (["prompt_ids=[5000]"], 2, "prompt_ids [5000] are outside the vocabulary (size 1024)"),
+    (["chat=true", "prompt_ids=[1]"], 2, "chat=true needs a text prompt"),
+    (["max_context=8"], 2, "the prompt is 14 tokens, longer than max_context=8"),
+]
+
+
+@pytest.mark.parametrize("args,status,message", BAD, ids=[" ".join(a) for a, _, _ in BAD])
+def test_bad_overrides_fail_clearly(demo, tmp_path, args, status, message):
+    cache, _ = demo
+    proc = ferry(args, tmp_path, cache)
+    assert_clean(proc, status)
+    assert message in proc.stderr
+
+
+@pytest.mark.parametrize("body,message", [("tiers: []", "tiers is empty"),
+                                          ("tiers: [{capacity: 8, group: 2}, {capacity: 1}]", "sorted ascending")])
+def test_bad_tier_files_fail_clearly(tmp_path, body, message):
+    proc = ferry([write_tiers(tmp_path, "mine", body), "tiers=mine", "mode=plan"], tmp_path, tmp_path)
+    assert_clean(proc, 2)
+    assert message in proc.stderr
+
+
+def test_missing_or_wrong_weights_say_what_to_do(demo, tmp_path):
+    cache, path = demo
+    missing = tmp_path / "nowhere"
+    proc = ferry(["+model=qwen36_35b", f"model.path={missing}"], tmp_path, cache)
+    assert_clean(proc, 1)
+    for text in ("Qwen/Qwen3.6-35B-A3B", f"hf download Qwen/Qwen3.6-35B-A3B --local-dir {missing}",
+                 f"python -m convert --model-dir {missing}", f"python run.py +model=qwen36_35b model.path={missing}"):
+        assert text in proc.stderr
+    wrong = ferry(["+model=qwen36_35b", f"model.path={path}", "mode=plan"], tmp_path, cache)
+    assert_clean(wrong, 2)
+    assert "is not model 'qwen36_35b'" in wrong.stderr and "hidden_size: 2048 vs 256" in wrong.stderr
+
+
+# ---- sweep summary on recorded metrics -------------------------------------------------------------
+
+def test_summary_reads_streamed_bytes_and_plots_against_the_budget(tmp_path):
+    from runtime.sweep_summary import summarise
+
+    for job, (budget, streamed) in enumerate([(2, 9e6), (4, 5e6), (8, 1e6)]):
+        record = {"overrides": [f"placement.expert_budget_gb={budget}", "tiers=default"],
+                  "prompt_ids": [1, 2, 3], "inactive": [],
+                  "timings": {"decode_tokens_per_s": 10.0 * budget, "ttft_s": 0.1, "generated_tokens": 7},
+                  "counters": {"dispatch": {"tiers": [{"launches": 4, "tokens": 30, "padding": 10}]},
+                               "offload": {"bytes_streamed": streamed}}}
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / "metrics.json").write_text(json.dumps(record))
+    text = summarise(tmp_path)
+    rows = [r.split(",") for r in (tmp_path / "summary.csv").read_text().splitlines()]
+    assert rows[0][:2] == ["job", "placement.expert_budget_gb"]  # tiers did not vary: not an axis
+    assert [r[-1] for r in rows[1:]] == ["9e+05", "5e+05", "1e+05"]  # bytes per token over 10 tokens
+    assert [r[-2] for r in rows[1:]] == ["25.0"] * 3
+    svg = ET.parse(tmp_path / "summary.svg").getroot()
+    assert len(svg.findall("{http://www.w3.org/2000/svg}polyline")) == 2  # both panels drawn
+    assert "| 2 " in text
