@@ -30,18 +30,56 @@ def _check_tokens(tokens: np.ndarray, source: str) -> None:
         raise TraceError(f"{source}: field 'tokens' has negative token counts")
 
 
+_OPTIONAL = ("topk", "step_tokens", "decode")
+
+
+def _check_details(tokens: np.ndarray, topk, step_tokens, decode, source: str) -> None:
+    """The optional per-token fields agree with `tokens` (see RoutingTrace)."""
+    steps, layers, experts = tokens.shape
+    if decode is not None and (decode.shape != (steps,) or decode.dtype != np.bool_):
+        raise TraceError(f"{source}: field 'decode' must be bool [{steps}], got {decode.dtype} {decode.shape}")
+    if (topk is None) != (step_tokens is None):
+        raise TraceError(f"{source}: fields 'topk' and 'step_tokens' come together; got only one of them")
+    if topk is None:
+        return
+    if step_tokens.shape != (steps,) or not np.issubdtype(step_tokens.dtype, np.integer) or (step_tokens < 0).any():
+        raise TraceError(f"{source}: field 'step_tokens' must be non-negative integers [{steps}], got {step_tokens.shape}")
+    if topk.ndim != 3 or topk.shape[:2] != (int(step_tokens.sum()), layers) or not np.issubdtype(topk.dtype, np.integer):
+        raise TraceError(
+            f"{source}: field 'topk' must be integer [{int(step_tokens.sum())} token rows, {layers} layers, k], "
+            f"got {topk.dtype} {topk.shape}"
+        )
+    if topk.size and not 0 <= topk.min() <= topk.max() < experts:
+        raise TraceError(f"{source}: field 'topk' has expert ids outside [0, {experts})")
+    rows = np.repeat(np.arange(steps), step_tokens)  # [R] step of each token row
+    counts = np.zeros(tokens.shape, dtype=np.int64)
+    for layer in range(layers):
+        np.add.at(counts[:, layer], (np.repeat(rows, topk.shape[2]), topk[:, layer].ravel()), 1)
+    if not np.array_equal(counts, tokens):
+        raise TraceError(f"{source}: field 'topk' does not count up to field 'tokens'")
+
+
 @dataclass(frozen=True, eq=False)
 class RoutingTrace:
     """`tokens[step, layer, expert]` = tokens routed to that expert; the layer requests the nonzero ones.
 
     Dense on purpose: 40 KB per step for the full model (40 x 256 int32), simple to check and to
     slice; `.npz` compression absorbs the zeros.
+
+    Optional, recorded by `offload.routing` (what co-activation statistics need):
+    `topk[row, layer, k]` the router's expert ids for every token row, step-major, R rows in all;
+    `step_tokens[step]` how many of those rows each step has (they sum to R); `decode[step]` true
+    for a decode step (one new token) and false for a prefill launch.
     """
 
     tokens: np.ndarray
+    topk: np.ndarray | None = None
+    step_tokens: np.ndarray | None = None
+    decode: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _check_tokens(self.tokens, "RoutingTrace")
+        _check_details(self.tokens, self.topk, self.step_tokens, self.decode, "RoutingTrace")
 
     @property
     def num_steps(self) -> int:
@@ -83,8 +121,9 @@ class RoutingTrace:
         return [key for launch in self.launches() for key in launch]
 
     def save(self, path: str | Path) -> None:
+        optional = {name: getattr(self, name) for name in _OPTIONAL if getattr(self, name) is not None}
         with open(path, "wb") as f:  # a file object keeps numpy from appending '.npz' to the name
-            np.savez_compressed(f, tokens=self.tokens, format_version=np.int32(FORMAT_VERSION))
+            np.savez_compressed(f, tokens=self.tokens, format_version=np.int32(FORMAT_VERSION), **optional)
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutingTrace":
@@ -102,7 +141,9 @@ class RoutingTrace:
         if version.shape != () or not np.issubdtype(version.dtype, np.integer) or int(version) != FORMAT_VERSION:
             raise TraceError(f"{path}: field 'format_version' is {version}, expected {FORMAT_VERSION}")
         _check_tokens(fields["tokens"], str(path))
-        return cls(fields["tokens"])
+        optional = {name: fields.get(name) for name in _OPTIONAL}
+        _check_details(fields["tokens"], **optional, source=str(path))
+        return cls(fields["tokens"], **optional)
 
 
 def simulate(trace: RoutingTrace, policy_name: str, num_slots: int, **policy_kwargs) -> PoolCounters:
