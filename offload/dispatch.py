@@ -6,6 +6,11 @@ The router's choice comes back to the host (the one read per layer the offload c
 tokens are sorted by expert, cut into pieces by `plan_launches`, gathered into the tier's padded
 `[G, C, H]` input, and each launch's output rows are added to their tokens, weighted by the router.
 Where the weights of a launch come from is the `ExpertWeights` provider's business.
+
+The offload controller hooks in here: a `Placement` sends some experts to host compute (numpy, from
+the host store) instead of launches; a `Prefetcher` gets the layer's MoE input as soon as the
+layer's last launch has its weights, to stream the next layer's experts while this one computes;
+`stats` (`OffloadCounters`) counts launches and padding per layer and tier, and host experts.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import mindspore as ms
 
+from offload.counters import OffloadCounters
+from offload.placement import Placement, host_expert
 from offload.tiers import Launch, Tier, TierSet, plan_launches
 
 
@@ -45,9 +52,11 @@ class DispatchCounters:
 
 
 class ExpertDispatcher:
-    """Runs the routed experts of any layer through the tier graphs."""
+    """Runs the routed experts of any layer through the tier graphs (or on the host, by placement)."""
 
-    def __init__(self, spec, tiers: TierSet, weights: ExpertWeights, graphs: ExpertGroupGraphs):
+    def __init__(self, spec, tiers: TierSet, weights: ExpertWeights, graphs: ExpertGroupGraphs,
+                 placement: Placement | None = None, host_store=None, prefetcher=None,
+                 stats: OffloadCounters | None = None):
         self.spec = spec
         self.tiers = tiers
         self.weights = weights
@@ -55,6 +64,13 @@ class ExpertDispatcher:
         # one reusable host buffer per tier for the padded launch input
         self.inputs = [np.zeros((t.group, t.capacity, spec.hidden_size), np.float32) for t in tiers]
         self.counters = DispatchCounters.for_tiers(tiers)
+        self.placement = placement or Placement()
+        if self.placement.uses_host and host_store is None:
+            raise ValueError("a placement that computes experts on the host needs the host expert store")
+        self.host_store = host_store
+        self.prefetcher = prefetcher
+        self.stats = stats or OffloadCounters.create(spec.num_layers, tiers)
+        self._resident = getattr(weights, "is_resident", None)
 
     def run(self, layer: int, x: np.ndarray, weights: np.ndarray, experts: np.ndarray) -> np.ndarray:
         """Weighted sum of routed expert outputs. x [N, H], weights/experts [N, K] -> [N, H]."""
@@ -65,12 +81,48 @@ class ExpertDispatcher:
         starts = np.concatenate(([0], np.cumsum(loads)[:-1]))  # [E] first row of each expert in `order`
         scale = weights.reshape(-1)  # [N*K]
         out = np.zeros((n, x.shape[1]), np.float32)
-        for launch in plan_launches(loads, self.tiers):
-            self._launch(layer, launch, x, order, starts, scale, out, k)
+        on_host = self._host_experts(layer, loads)
+        device_loads = loads
+        if on_host:
+            device_loads = loads.copy()
+            device_loads[on_host] = 0
+        launches = plan_launches(device_loads, self.tiers)
+        if not launches:
+            self._hint(layer, x)
+        for i, launch in enumerate(launches):
+            self._launch(layer, launch, x, order, starts, scale, out, k, hint=i == len(launches) - 1)
+        for expert in on_host:
+            rows = order[starts[expert] : starts[expert] + loads[expert]]  # flat (token, choice) indices
+            y = host_expert(x[rows // k], *self.host_store.expert_block(layer, expert))  # [rows, H]
+            out[rows // k] += y * scale[rows, None]
+            self.stats.layers[layer].host_experts += 1
+            self.stats.layers[layer].host_tokens += len(rows)
         self.counters.expert_tokens += n * k
         return out
 
-    def _launch(self, layer, launch: Launch, x, order, starts, scale, out, k) -> None:
+    def step_done(self, tokens: int, seconds: float) -> None:
+        """The engine finished one launch of `tokens` tokens in `seconds` (wall time, stalls included)."""
+        self.stats.step_done(tokens, seconds)
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+
+    def _host_experts(self, layer: int, loads: np.ndarray) -> list[int]:
+        if not self.placement.uses_host:
+            return []
+        resident = self._resident or (lambda layer, expert: True)
+        return [int(e) for e in np.flatnonzero(loads)
+                if self.placement.on_host(layer, int(e), int(loads[e]), resident(layer, int(e)))]
+
+    def _hint(self, layer: int, x: np.ndarray) -> None:
+        if self.prefetcher is None:
+            return
+        if self.prefetcher.error is not None:
+            raise RuntimeError(f"the prefetch thread failed: {self.prefetcher.error!r}") from self.prefetcher.error
+        self.prefetcher.hint(layer, x)
+
+    def _launch(self, layer, launch: Launch, x, order, starts, scale, out, k, hint: bool = False) -> None:
         tier = self.tiers[launch.tier_index]
         buffer = self.inputs[launch.tier_index]  # [G, C, H]
         buffer.fill(0.0)
@@ -83,6 +135,8 @@ class ExpertDispatcher:
         experts = [piece.expert for piece in launch.pieces]
         experts += [experts[0]] * (tier.group - len(experts))  # padding slots reuse a resident expert
         weights = self.weights.launch_weights(layer, experts)
+        if hint:  # the layer's last launch has its slots: prefetching can no longer evict them
+            self._hint(layer, x)
         y = self.groups[launch.tier_index](ms.Tensor.from_numpy(buffer), *weights).asnumpy()  # [G, C, H]
         for g, piece_rows in enumerate(rows):
             out[piece_rows // k] += y[g, : len(piece_rows)] * scale[piece_rows, None]
@@ -90,6 +144,10 @@ class ExpertDispatcher:
         self.counters.launches[launch.tier_index] += 1
         self.counters.tokens[launch.tier_index] += carried
         self.counters.padding[launch.tier_index] += tier.slot_tokens - carried
+        per_layer = self.stats.layers[layer]
+        per_layer.launches[launch.tier_index] += 1
+        per_layer.tokens[launch.tier_index] += carried
+        per_layer.padding[launch.tier_index] += tier.slot_tokens - carried
 
 
 class ResidentExperts:

@@ -28,3 +28,91 @@ def engine_from_checkpoint(model_dir: str | Path, tiers: TierSet | None = None, 
     graphs = CellGraphs(spec, max_context)
     dispatcher = ExpertDispatcher(spec, tiers or default_tiers(spec), experts, graphs)
     return Engine(checkpoint, dispatcher, graphs, buckets, max_context)
+
+
+def engine_with_offload(model_dir: str | Path, *, budget_bytes: int | None = None,
+                        expert_budget_gb: float | None = None, policy: str = "lru",
+                        policy_kwargs: dict | None = None, prefetch: bool = False, prefetch_limit: int | None = None,
+                        placement: dict | None = None, store: str = "ram", store_path: str | Path | None = None,
+                        tiers: TierSet | None = None, buckets: Buckets = Buckets(), max_context: int = 1024,
+                        device_memory_bytes: int | None = None, record_requests: bool = False) -> Engine:
+    """An engine whose routed experts stream from a host store into a slot pool of a byte budget.
+
+    Give the budget as `budget_bytes` or `expert_budget_gb` (GiB, as config writes it); it is refused at start
+    when it exceeds `device_memory_bytes` (default: this machine's RAM, the CPU backend's device
+    memory) or cannot hold the widest tier launch (`offload.budget`). `policy` names an eviction
+    policy (`lru`, `lfu`, `decay`, `belady`; belady needs `policy_kwargs={"trace": requests}`, the
+    requests of an earlier run made with `record_requests=True`, found in
+    `engine.dispatcher.weights.requests`). `prefetch` streams the next layer's likely experts on a
+    background thread, `prefetch_limit` of them per layer (default top-k). `placement` is the
+    CPU/NPU split config (`offload.placement.placement_from_config`). `store` is `ram` or `mmap`
+    (then `store_path` is the block file, written on first use). Counters: `engine.dispatcher.stats`.
+    """
+    from offload.budget import gib, plan_slots
+    from offload.counters import OffloadCounters
+    from offload.host_store import open_store
+    from offload.offloaded import OffloadedExperts
+    from offload.placement import measure_costs, placement_from_config
+    from offload.policies import make_policy
+    from offload.prefetch import Prefetcher, RouterPredictor
+
+    configure()
+    if (budget_bytes is None) == (expert_budget_gb is None):
+        raise ValueError("give the expert budget as exactly one of budget_bytes and expert_budget_gb")
+    checkpoint = Checkpoint(model_dir)
+    spec = checkpoint.spec
+    tiers = tiers or default_tiers(spec)
+    host = open_store(checkpoint, store, store_path)
+    budget = budget_bytes if budget_bytes is not None else gib(expert_budget_gb)
+    plan = plan_slots(budget, host.layout.nbytes, tiers, spec.num_layers * spec.num_experts, device_memory_bytes)
+    graphs = CellGraphs(spec, max_context)
+    stats = OffloadCounters.create(spec.num_layers, tiers)
+    where = placement_from_config(placement, spec.num_layers, spec.num_experts,
+                                  measure=lambda: measure_costs(host, tiers, graphs.expert_group))
+    experts = OffloadedExperts(host, plan.num_slots, make_policy(policy, **(policy_kwargs or {})), stats,
+                               record_requests=record_requests)
+    dispatcher = ExpertDispatcher(spec, tiers, experts, graphs, placement=where, host_store=host, stats=stats)
+    dense = _RouterKeeper(checkpoint)
+    engine = Engine(dense, dispatcher, graphs, buckets, max_context)
+    if prefetch:
+        predictor = RouterPredictor([dense.routers[layer] for layer in range(spec.num_layers)],
+                                    spec.num_experts_per_tok)
+        dispatcher.prefetcher = Prefetcher(predictor, experts.prefetch, spec.num_layers,
+                                           prefetch_limit or spec.num_experts_per_tok,
+                                           skip=where.fixed_on_host if where.host_layers or where.host_experts else None)
+    return engine
+
+
+class _RouterKeeper:
+    """The checkpoint as dense weights for the engine, keeping each layer's router [E, H] for prefetch."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.spec = checkpoint.spec
+        self.routers = {}
+
+    def global_weights(self):
+        return self.checkpoint.global_weights()
+
+    def layer_weights(self, layer: int):
+        weights = self.checkpoint.layer_weights(layer)
+        self.routers[layer] = weights["router"]
+        return weights
+
+
+def engine_from_artifact(artifact_dir: str | Path, verify: str = "lazy", expect: ModelSpec | None = None) -> Engine:
+    """An engine over a converted artifact: its exported graphs, dense weights and expert store,
+    every expert resident (mapped). Tiers, buckets and max_context are the ones it was exported with.
+    `verify` as in `Artifact.open`; `expect` refuses an artifact of another model."""
+    from convert.artifact import Artifact
+    from offload.store_weights import StoreExperts
+    from runtime.exported import ExportedGraphs
+
+    configure()
+    artifact = Artifact.open(artifact_dir, verify=verify, expect=expect)
+    manifest = artifact.manifest
+    tiers = from_config([{"capacity": t.capacity, "group": t.group} for t in manifest.tiers])
+    graphs = ExportedGraphs(artifact)
+    experts = StoreExperts(artifact.experts, verify=verify != "none")
+    dispatcher = ExpertDispatcher(artifact.spec, tiers, experts, graphs)
+    return Engine(artifact, dispatcher, graphs, Buckets(manifest.buckets), manifest.max_context)

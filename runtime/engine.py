@@ -5,10 +5,12 @@ S cache capacity (max context), P rotary dims.
 
 A prompt is cut into launches of the bucket sizes compiled in advance; the last launch of a prompt
 is padded and the graphs ignore the padding (`n_valid`). Dense weights stay as device tensors for
-the whole run; routed experts come through the `ExpertDispatcher`.
+the whole run; routed experts come through the `ExpertDispatcher`, which is told the wall time of
+every launch (the offload counters read stall time as a fraction of it).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -106,6 +108,10 @@ class Engine:
     def reset(self) -> None:
         self.state = SequenceState(self.spec, self.max_context)
 
+    def close(self) -> None:
+        """Stop the dispatcher's background work (the prefetch thread, when there is one)."""
+        self.dispatcher.close()
+
     def forward(self, ids, all_logits: bool = False) -> np.ndarray:
         """Feed token ids; return logits of the last one [V], or of every one [N, V]."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -127,6 +133,12 @@ class Engine:
         return np.concatenate(pieces) if all_logits else pieces[-1][-1]
 
     def _launch(self, ids: np.ndarray, tokens: int, all_logits: bool) -> np.ndarray:
+        start = time.perf_counter()
+        logits = self._run_launch(ids, tokens, all_logits)
+        self.dispatcher.step_done(ids.size, time.perf_counter() - start)
+        return logits
+
+    def _run_launch(self, ids: np.ndarray, tokens: int, all_logits: bool) -> np.ndarray:
         n, state = ids.size, self.state
         attention, deltanet = self.graphs.attention(tokens), self.graphs.deltanet(tokens)
         padded = np.zeros(tokens, np.int32)

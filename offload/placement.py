@@ -1,0 +1,171 @@
+"""The CPU/NPU split: which routed experts run on the host, from the host store, instead of in slots.
+
+Legend: n tokens routed to one expert, H hidden, I expert width, C capacity and G group of a tier.
+
+Computing an expert where its weights already are costs the host's (slow) matmuls but no copy;
+streaming it costs a block copy plus the device's (fast) matmuls (Fiddler, Kamahori et al. 2024).
+Config chooses per layer (`host_layers`) or per expert (`host_experts`); `mode: auto` adds, for an
+expert that is not resident, the choice that measured costs say is cheaper: host when
+host(n) < copy + device(n), costs measured at start (`measure_costs`). A resident expert always
+runs on the device: its copy is already paid.
+
+Host results differ from the graph's in the last bits (numpy's and MindSpore's matmuls sum in
+different orders), so runs with host compute match the all-device run to ~1e-6, not bit for bit.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import mindspore as ms
+
+from offload.host_store import ExpertStore, aligned_empty
+from offload.policies import Key
+from offload.tiers import TierSet, split_load
+
+MODES = ("device", "auto")
+
+
+def host_expert(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """One SwiGLU expert in numpy, float32: x [n, H], gate_up [2I, H], down [H, I] -> [n, H]."""
+    both = x @ gate_up.T  # [n, 2I]
+    i = down.shape[1]
+    gate, up = both[:, :i], both[:, i:]
+    with np.errstate(over="ignore"):  # exp(-gate) overflows to inf for very negative gates: silu -> -0
+        hidden = gate / (np.float32(1.0) + np.exp(-gate)) * up  # [n, I]
+    return hidden @ down.T  # [n, H]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Measured seconds: one block copy, host compute a + b * n, and one launch of each tier."""
+
+    copy_s: float
+    host_fixed_s: float
+    host_token_s: float
+    launch_s: tuple[float, ...]  # per tier, whole launch
+    tiers: TierSet
+
+    def host(self, n: int) -> float:
+        return self.host_fixed_s + self.host_token_s * n
+
+    def device(self, n: int) -> float:
+        """An expert's share of the launches its n tokens take (1/G of each launch it is a piece of)."""
+        full, rest = split_load(n, self.tiers.max_capacity)
+        last = len(self.tiers) - 1
+        index = self.tiers.index_for(rest)
+        return full * self.launch_s[last] / self.tiers[last].group + self.launch_s[index] / self.tiers[index].group
+
+    def host_cheaper(self, n: int) -> bool:
+        return self.host(n) < self.copy_s + self.device(n)
+
+    def describe(self) -> str:
+        return (f"copy {1e6 * self.copy_s:.0f} us/block, host {1e6 * self.host_fixed_s:.0f} + "
+                f"{1e6 * self.host_token_s:.1f} us/token, device launch "
+                + ", ".join(f"{t.capacity}x{t.group} {1e6 * s:.0f} us" for t, s in zip(self.tiers, self.launch_s)))
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: compile, fault pages in
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_costs(store: ExpertStore, tiers: TierSet, expert_group: Callable, repeats: int = 5) -> CostModel:
+    """Time a block copy, host compute at 1 and C_max tokens, and one launch of every tier.
+
+    `expert_group(tier)` gives the tier's graph (e.g. `GraphSet.expert_group`). Uses layer 0's
+    expert 0 and scratch buffers allocated here, once.
+    """
+    block = store.expert_block(0, 0)
+    scratch = [aligned_empty(a.shape, a.dtype) for a in block]
+    copy_s = _median_time(lambda: [np.copyto(d, s) for d, s in zip(scratch, block)], repeats)
+    hidden = block[0].shape[1]
+    rng = np.random.default_rng(0)
+    wide = tiers.max_capacity
+    x = rng.standard_normal((wide, hidden)).astype(np.float32)
+    one = _median_time(lambda: host_expert(x[:1], *block), repeats)
+    many = _median_time(lambda: host_expert(x, *block), repeats)
+    per_token = max(many - one, 0.0) / max(wide - 1, 1)
+    weights = [ms.Tensor.from_numpy(a) for a in scratch]
+    launch_s = []
+    for tier in tiers:
+        graph = expert_group(tier)
+        inputs = ms.Tensor.from_numpy(rng.standard_normal((tier.group, tier.capacity, hidden)).astype(np.float32))
+        args = [weights[a] for a in range(len(weights)) for _ in range(tier.group)]
+        launch_s.append(_median_time(lambda: graph(inputs, *args).asnumpy(), repeats))
+    return CostModel(copy_s, max(one - per_token, 0.0), per_token, tuple(launch_s), tiers)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each routed expert computes. Empty sets and no cost model: everything on the device."""
+
+    host_layers: frozenset[int] = frozenset()
+    host_experts: frozenset[Key] = frozenset()
+    costs: CostModel | None = None  # set: `auto` mode
+
+    @property
+    def uses_host(self) -> bool:
+        return bool(self.host_layers or self.host_experts or self.costs)
+
+    def fixed_on_host(self, layer: int, expert: int) -> bool:
+        """Placed on the host by config, whatever the costs: never streamed, never prefetched."""
+        return layer in self.host_layers or (layer, expert) in self.host_experts
+
+    def on_host(self, layer: int, expert: int, tokens: int, resident: bool) -> bool:
+        if self.fixed_on_host(layer, expert):
+            return True
+        return self.costs is not None and not resident and self.costs.host_cheaper(tokens)
+
+
+def placement_from_config(config: Mapping | None, num_layers: int, num_experts: int,
+                          measure: Callable[[], CostModel] | None = None) -> Placement:
+    """From config: `{mode: device|auto, host_layers: [l, ...], host_experts: [[l, e], ...]}`.
+
+    `measure` is called only in `auto` mode, to time copies and compute on this machine.
+    """
+    config = dict(config or {})
+    unknown = set(config) - {"mode", "host_layers", "host_experts"}
+    if unknown:
+        raise ValueError(f"placement has unknown keys {sorted(unknown)}; known: mode, host_layers, host_experts")
+    mode = config.get("mode", "device")
+    if mode not in MODES:
+        raise ValueError(f"placement mode '{mode}' is not one of {MODES}")
+    layers = frozenset(int(layer) for layer in config.get("host_layers", ()))
+    bad = sorted(layer for layer in layers if not 0 <= layer < num_layers)
+    if bad:
+        raise ValueError(f"placement host_layers {bad} outside 0..{num_layers - 1}")
+    experts = frozenset(_key(entry, num_layers, num_experts) for entry in config.get("host_experts", ()))
+    costs = None
+    if mode == "auto":
+        if measure is None:
+            raise ValueError("placement mode 'auto' needs costs measured at start; no measure function given")
+        costs = measure()
+    return Placement(layers, experts, costs)
+
+
+def from_host_compute(value) -> dict:
+    """The app's `placement.host_compute` (`never`, `auto` or a list of layers) as a placement config."""
+    if value in (None, "never"):
+        return {}
+    if value == "auto":
+        return {"mode": "auto"}
+    if isinstance(value, (list, tuple)):
+        return {"host_layers": list(value)}
+    raise ValueError(f"host_compute must be never, auto or a list of layers, got {value!r}")
+
+
+def _key(entry: Iterable[int], num_layers: int, num_experts: int) -> Key:
+    pair = tuple(int(v) for v in entry)
+    if len(pair) != 2 or not (0 <= pair[0] < num_layers and 0 <= pair[1] < num_experts):
+        raise ValueError(f"placement host_experts entry {list(entry)} is not [layer < {num_layers}, "
+                         f"expert < {num_experts}]")
+    return pair
