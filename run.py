@@ -23,9 +23,8 @@ os.environ.setdefault("GLOG_v", "3")  # before anything imports MindSpore: its C
 import json
 import sys
 import time
-from pathlib import Path
-
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -33,8 +32,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from convert.spec import CheckpointError, ModelSpec
-from runtime import settings
 from offload.tiers import TierSet
+from runtime import settings
 from runtime.plan import ALL, AUTO, DeviceProfile, Placement, plan_memory, size
 from runtime.prompting import PromptSource, TextStream, apply_chat_template, prompt_source, shown
 from runtime.settings import ConfigError
@@ -46,6 +45,10 @@ DEMO_NOTE = ("The demo model's weights are random, so its text is gibberish: it 
 
 class CannotRun(RuntimeError):
     """The config is fine but the run cannot happen here (missing weights, not enough memory)."""
+
+
+def silent(*args, **kwargs) -> None:
+    """`print` for multirun jobs, whose parallel output would interleave."""
 
 
 # ---- the one place run.py meets the engine builders ------------------------------------------------
@@ -72,9 +75,11 @@ def inactive_options(placement: Placement, model: DictConfig) -> list[str]:
                      "no expert slot pool yet (offload controller, issue 4); every expert stays resident")
     if placement.prefetch:
         notes.append("placement.prefetch=true: nothing streams yet, so nothing is prefetched (issue 4)")
-    if placement.host_compute != "never":
-        notes.append(f"placement.host_compute={list(placement.host_compute) if isinstance(placement.host_compute, tuple) else placement.host_compute}: "
-                     "the CPU/NPU split is not built yet (issue 4); on the CPU backend every expert runs on the host anyway")
+    host = placement.host_compute
+    if host != "never":
+        shown_host = list(host) if isinstance(host, tuple) else host
+        notes.append(f"placement.host_compute={shown_host}: the CPU/NPU split is not built yet (issue 4); "
+                     "on the CPU backend every expert runs on the host anyway")
     if model.get("artifact"):
         notes.append(f"model.artifact={model.artifact}: artifact directories do not run yet (python -m convert, "
                      "issue 3); reading the HF checkpoint at model.path")
@@ -245,28 +250,22 @@ def plan_mode(r: Run) -> int:
     return 0 if plan.fits else 1
 
 
-def run_mode(cfg: DictConfig, r: Run, say) -> dict:
-    """Generate, streaming unless quiet; return the run's record."""
+def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> dict:
+    """Generate, streaming the text unless quiet (a multirun job); return the run's record."""
     started = time.perf_counter()
+    say = silent if quiet else print
     if r.device.backend != "CPU":
         raise ConfigError(f"device={r.device.name} can be planned (mode=plan) but not run yet: "
                           "runtime.backend sets up MindSpore's CPU backend only")
     sampling = settings.sampling(cfg.sampling)
     max_new = settings.positive_int(cfg.max_new_tokens, "max_new_tokens")
     source = prompt_source(cfg.prompt, cfg.prompt_file, cfg.prompt_ids, r.model.get("default_prompt"))
-    from runtime.engine import Buckets  # imports MindSpore; Buckets adds its own check (the DeltaNet chunk)
-
-    try:
-        buckets = Buckets(r.buckets)
-    except ValueError as err:
-        raise ConfigError(f"prefill_buckets: {err}") from None
     notes = inactive_options(r.placement, r.model)
     plan = plan_memory(r.spec, r.device, RUNS_TODAY, r.max_context, r.buckets[-1], r.tiers, r.model.name)
     if not plan.fits:
         print(plan.format())
-        raise CannotRun(f"this run does not fit {r.device.name}: {plan.problems[0]}"
-                        + ("" if plan.all_resident else "; experts would have to stream, and the offload "
-                           "controller is not built yet (issue 4)"))
+        raise CannotRun(f"this run does not fit {r.device.name} with every expert resident, the only placement that "
+                        f"runs today (streaming experts is issue 4): {plan.problems[0]}")
 
     model_dir = r.model_dir
     if r.model.kind == "demo":
@@ -302,6 +301,12 @@ def run_mode(cfg: DictConfig, r: Run, say) -> dict:
     text = tokenizer.decode(ids, skip_special_tokens=False) if tokenizer else None
     say(f"prompt    {len(ids)} tokens from {source.origin}" + (f": {shown(text)!r}" if text is not None else ""))
 
+    from runtime.engine import Buckets  # MindSpore loads from here on: every check above answers fast
+
+    try:
+        buckets = Buckets(r.buckets)  # adds its own check: the DeltaNet chunk
+    except ValueError as err:
+        raise ConfigError(f"prefill_buckets: {err}") from None
     from runtime.backend import configure
     from runtime.generate import generate
 
@@ -318,7 +323,7 @@ def run_mode(cfg: DictConfig, r: Run, say) -> dict:
     say(f"engine    built in {build_s:.1f} s" + (f", graphs compiled by a warm-up run in {warmup_s:.1f} s"
                                                  if cfg.warmup else " (no warm-up: the first token includes compiling)"))
     say("-" * 72)
-    stream = TextStream(tokenizer) if tokenizer is not None and cfg.stream and say is print else None
+    stream = TextStream(tokenizer) if tokenizer is not None and cfg.stream and not quiet else None
 
     def on_token(token: int) -> None:
         if stream is not None:
@@ -354,8 +359,9 @@ def run_mode(cfg: DictConfig, r: Run, say) -> dict:
     }
 
 
-def report(record: dict, cfg: DictConfig, say) -> None:
+def report(record: dict, cfg: DictConfig, quiet: bool) -> None:
     t = record["timings"]
+    say = silent if quiet else print
     stop = "EOS" if record["stopped_on_eos"] else f"max_new_tokens={record['settings']['max_new_tokens']}"
     say(f"timings   time to first token {t['ttft_s'] * 1e3:.0f} ms (prefill of {len(record['prompt_ids'])} tokens), "
         f"decode {t['decode_tokens_per_s']:.1f} tokens/s over {t['generated_tokens']} tokens (stopped at {stop}), "
@@ -383,8 +389,7 @@ def run(cfg: DictConfig) -> int:
     if cfg.mode == "plan":
         return plan_mode(r)
     multirun = hydra_context()[3]
-    say = (lambda *args, **kwargs: None) if multirun else print
-    report(run_mode(cfg, r, say), cfg, say)
+    report(run_mode(cfg, r, quiet=multirun), cfg, quiet=multirun)
     sys.stdout.flush()
     return 0
 

@@ -127,6 +127,11 @@ def size(nbytes: float) -> str:
     return f"{nbytes / (1 << 20):.1f} MiB"
 
 
+def count(n: int) -> str:
+    """A parameter count: 2.45 B, 14.2 M."""
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
 def _params(names: dict) -> int:
     return sum(math.prod(weight.shape) for weight in names.values())
 
@@ -178,8 +183,8 @@ def plan_memory(spec: ModelSpec, device: DeviceProfile, placement: Placement, ma
     dtype = device.compute_dtype.replace("float", "FP")
     fixed = [
         PlanItem("dense weights", (edge + layers) * b,
-                 f"{(edge + layers) / 1e9:.2f} B params, {dtype}: embedding + head {edge / 1e9:.2f} B, "
-                 f"{spec.num_layers} layers {layers / 1e9:.2f} B"),
+                 f"{count(edge + layers)} params, {dtype}: embedding + head {count(edge)}, "
+                 f"{spec.num_layers} layers {count(layers)}"),
         PlanItem("KV cache", kv_bytes,
                  f"{attention_layers} attention layers x K,V x {max_context} tokens x {spec.num_key_value_heads} "
                  f"heads x {spec.head_dim}, {dtype}"),

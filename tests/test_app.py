@@ -20,7 +20,7 @@ from convert.checkpoint import Checkpoint
 from runtime import settings
 from runtime.demo import CHAT_TEMPLATE, demo_spec, ensure_demo
 from runtime.plan import GIB, DeviceProfile, Placement, dense_params, plan_memory
-from runtime.prompting import TextStream, apply_chat_template, shown
+from runtime.prompting import PromptSource, TextStream, apply_chat_template, prompt_source, shown
 from runtime.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,13 +99,29 @@ def test_chat_template_and_streamed_text(demo):
     assert shown("a\x03b\n") == "a\ufffdb\n"
 
 
+def test_prompt_sources(tmp_path):
+    (tmp_path / "p.txt").write_text("from a file\n")
+    assert prompt_source("text", None, None, "default") == PromptSource("prompt", text="text")
+    assert prompt_source(None, str(tmp_path / "p.txt"), None, None) == PromptSource("prompt_file", text="from a file\n")
+    assert prompt_source(None, None, [3, 4], None) == PromptSource("prompt_ids", ids=(3, 4))
+    assert prompt_source(None, None, None, "default").origin == "model.default_prompt"
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe")
+    for args, message in [(("a", None, [1], None), "not prompt and prompt_ids"), ((None, None, [], None), "non-empty"),
+                          ((None, None, [1, -2], None), "non-empty list of token ids"),
+                          ((None, str(tmp_path / "bad.txt"), None, None), "not UTF-8"),
+                          ((None, None, None, None), "no prompt")]:
+        with pytest.raises(settings.ConfigError, match=message):
+            prompt_source(*args)
+
+
 # ---- generation through run.py ----------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_prompt_ids_run_writes_a_faithful_record(demo, tmp_path):
     cache, path = demo
-    proc = ferry([f"prompt_ids=[{','.join(map(str, PROMPT_IDS))}]", "max_new_tokens=6", "output_json=record.json"],
-                 tmp_path, cache)
+    sampled = ["sampling.temperature=0.9", "sampling.top_k=50", "sampling.top_p=0.95", "sampling.seed=3"]
+    proc = ferry([f"prompt_ids=[{','.join(map(str, PROMPT_IDS))}]", "max_new_tokens=6", "output_json=record.json",
+                  *sampled], tmp_path, cache)
     assert_clean(proc)
     record = json.loads((tmp_path / "record.json").read_text())
     assert record == json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -122,13 +138,17 @@ def test_prompt_ids_run_writes_a_faithful_record(demo, tmp_path):
     assert record["choices"]["tiers"] == "default" and record["inactive"] == []
     assert record["plan"]["fits"] and record["plan"]["slots"] == record["plan"]["total_experts"] == 128
 
+    assert record["settings"]["sampling"] == {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "seed": 3}
+
     # the same tokens as the engine driven directly from Python: run.py adds nothing to the numbers
     from runtime.build import engine_from_checkpoint
     from runtime.engine import Buckets
     from runtime.generate import generate
+    from runtime.sampling import Sampling
 
     engine = engine_from_checkpoint(path, buckets=Buckets((16, 64)), max_context=DEMO.max_context)
-    assert generate(engine, PROMPT_IDS, 6).token_ids == generated
+    sampling = Sampling(temperature=0.9, top_k=50, top_p=0.95, seed=3)
+    assert generate(engine, PROMPT_IDS, 6, sampling).token_ids == generated
 
 
 @pytest.mark.slow
@@ -147,13 +167,15 @@ def test_no_arguments_runs_the_demo_and_streams_its_text(demo, tmp_path):
 @pytest.mark.slow
 def test_local_hf_directory_with_the_chat_template(demo, tmp_path):
     cache, path = demo
-    proc = ferry(["+model=local", f"model.path={path}", "chat=true", "prompt='Where does the ferry go?'",
+    (tmp_path / "question.txt").write_text("Where does the ferry go?")
+    proc = ferry(["+model=local", f"model.path={path}", "chat=true", "prompt_file=question.txt",
                   "max_new_tokens=3", "warmup=false", "output_json=chat.json"], tmp_path, cache)
     assert_clean(proc)
     record = json.loads((tmp_path / "chat.json").read_text())
     chat = "<|im_start|>user\nWhere does the ferry go?<|im_end|>\n<|im_start|>assistant\n"
     assert record["prompt_ids"] == load_tokenizer(path).encode(chat, add_special_tokens=False).ids
     assert record["model"] == {**record["model"], "name": "local", "demo": False, "path": str(path)}
+    assert record["prompt_origin"] == "prompt_file"
     assert "gibberish" not in proc.stdout
 
 
@@ -235,27 +257,23 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def test_every_config_composes_and_validates(demo):
+def test_every_config_option_composes_and_validates(demo):
     _, path = demo
     defaults = OmegaConf.load(CONF / "config.yaml").defaults
     assert defaults[0] == "_self_" and not any("model" in str(d) for d in defaults)
+    choices = [[f"{group}={option}"] for group in ("device", "placement", "tiers") for option in options(group)]
+    choices += [[f"+model={model}"] + ([f"model.path={path}"] if model == "local" else []) for model in options("model")]
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        for model in [None, *options("model")]:
-            extra = [f"+model={model}"] if model else []
-            if model == "local":
-                extra.append(f"model.path={path}")
-            for device in options("device"):
-                for placement in options("placement"):
-                    for tiers in options("tiers"):
-                        cfg = compose("config", [f"device={device}", f"placement={placement}", f"tiers={tiers}", *extra])
-                        model_cfg = cfg.model if model else DEMO
-                        spec = (settings.model_spec(model_cfg, Path(str(model_cfg.path))) if model_cfg.kind == "hf"
-                                else demo_spec(settings.plain(model_cfg.config)))
-                        settings.device_profile(cfg.device)
-                        settings.placement(cfg.placement)
-                        settings.tier_set(cfg.tiers, spec)
-                        settings.prefill_buckets(cfg.prefill_buckets)
-                        settings.sampling(cfg.sampling)
+        for overrides in [[]] + choices:
+            cfg = compose("config", overrides)
+            model = cfg.model if "model" in cfg else DEMO
+            spec = (settings.model_spec(model, Path(str(model.path)).expanduser()) if model.kind == "hf"
+                    else demo_spec(settings.plain(model.config)))
+            settings.device_profile(cfg.device)
+            settings.placement(cfg.placement)
+            settings.tier_set(cfg.tiers, spec)
+            settings.prefill_buckets(cfg.prefill_buckets)
+            settings.sampling(cfg.sampling)
 
 
 def write_tiers(tmp_path: Path, name: str, body: str) -> str:
@@ -285,6 +303,7 @@ BAD = [
     (["prompt_ids=[5000]"], 2, "prompt_ids [5000] are outside the vocabulary (size 1024)"),
     (["chat=true", "prompt_ids=[1]"], 2, "chat=true needs a text prompt"),
     (["max_context=8"], 2, "the prompt is 14 tokens, longer than max_context=8"),
+    (["device.memory_gb=1"], 1, "this run does not fit cpu with every expert resident"),
 ]
 
 
