@@ -5,9 +5,11 @@ G expert slots in one launch, C token capacity of each slot.
 
 The routed experts run in an expert-group launch whose weights are *inputs*, one pair per slot,
 so any slot can hold any expert and the offload controller decides where weights live. Which
-tokens go to which slot is decided on the host from the router's output.
+tokens go to which slot is decided on the host from the router's output. `ExpertGroupFP16` and
+`ExpertGroupInt8` take the same slots in the expert store's narrower formats and compute in FP32.
 """
 from mindspore import nn, ops
+from mindspore.common import dtype as mstype
 
 from graphs.common import Linear, SwiGLU
 
@@ -57,4 +59,54 @@ class ExpertGroup(nn.Cell):
             both = self.linear(x[g], weights[g])  # [C, 2I]
             hidden = ops.silu(both[:, : self.intermediate]) * both[:, self.intermediate :]  # [C, I]
             outs.append(self.linear(hidden, weights[self.slots + g]))  # [C, H]
+        return ops.stack(outs)  # [G, C, H]
+
+
+class ExpertGroupFP16(nn.Cell):
+    """ExpertGroup over FP16-stored weights: the same inputs in FP16, cast to FP32 inside the graph.
+
+    The CPU kernels compute in FP32 (their FP16 matmuls are several times slower), so the cast is
+    part of the launch; a device that computes in FP16 would drop it.
+    """
+
+    def __init__(self, slots: int, intermediate: int):
+        super().__init__()
+        self.slots = slots
+        self.intermediate = intermediate
+        self.linear = Linear()
+
+    def construct(self, x, *weights):
+        outs = []
+        for g in range(self.slots):
+            gate_up = ops.cast(weights[g], mstype.float32)  # [2I, H]
+            down = ops.cast(weights[self.slots + g], mstype.float32)  # [H, I]
+            both = self.linear(x[g], gate_up)  # [C, 2I]
+            hidden = ops.silu(both[:, : self.intermediate]) * both[:, self.intermediate :]  # [C, I]
+            outs.append(self.linear(hidden, down))  # [C, H]
+        return ops.stack(outs)  # [G, C, H]
+
+
+class ExpertGroupInt8(nn.Cell):
+    """ExpertGroup over INT8 weight-only storage with one FP32 scale per output channel.
+
+    After x come G `gate_up` [2I, H] int8, G `down` [H, I] int8, G `gate_up_scale` [2I] and
+    G `down_scale` [H]. A row's scale multiplies that row's dot products, so it is applied to the
+    matmul output ([C, 2I], [C, H]) rather than to the weight: the same value, fewer multiplies.
+    """
+
+    def __init__(self, slots: int, intermediate: int):
+        super().__init__()
+        self.slots = slots
+        self.intermediate = intermediate
+        self.linear = Linear()
+
+    def construct(self, x, *weights):
+        g_count = self.slots
+        outs = []
+        for g in range(g_count):
+            gate_up = ops.cast(weights[g], mstype.float32)  # [2I, H] integer values
+            down = ops.cast(weights[g_count + g], mstype.float32)  # [H, I]
+            both = self.linear(x[g], gate_up) * weights[2 * g_count + g]  # [C, 2I]
+            hidden = ops.silu(both[:, : self.intermediate]) * both[:, self.intermediate :]  # [C, I]
+            outs.append(self.linear(hidden, down) * weights[3 * g_count + g])  # [C, H]
         return ops.stack(outs)  # [G, C, H]
