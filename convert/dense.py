@@ -1,0 +1,96 @@
+"""Dense weights (everything but the routed experts) as one FP32 safetensors file, written streaming.
+
+The header is computed up front from the model spec, so tensors can be appended one at a time
+(or a large one in row chunks) while the file's SHA-256 is computed on the way out: the writer
+never holds more than the piece it is given. Data starts at a 64-byte boundary (the header is
+padded with spaces, as the format allows), so every FP32 tensor can be mapped and used in place.
+
+Names: `embed` [V, H], `final_norm` [H], `lm_head` [V, H] (absent when tied), and
+`layers.{i}.{name}` for each canonical name of `convert.names.layer_names` in its Ferry shape.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from convert import names
+from convert.manifest import DenseRecord, DenseTensor, FileRecord
+from convert.spec import ModelSpec
+
+DATA_ALIGNMENT = 64
+
+
+def dense_plan(spec: ModelSpec) -> list[DenseTensor]:
+    """Every dense tensor of the artifact, in file order: globals first, then layer by layer."""
+    plan = [DenseTensor(key, w.shape) for key, w in names.global_names(spec).items()
+            if not (key == "lm_head" and spec.tie_word_embeddings)]
+    for layer in range(spec.num_layers):
+        plan += [DenseTensor(f"layers.{layer}.{key}", w.shape) for key, w in names.layer_names(spec, layer).items()]
+    return plan
+
+
+def layer_tensor(layer: int, key: str) -> str:
+    return f"layers.{layer}.{key}"
+
+
+class DenseWriter:
+    """Appends the planned tensors in order; `close` returns the manifest's record of the file."""
+
+    def __init__(self, path: Path, relative: str, spec: ModelSpec):
+        self.relative = relative
+        self.spec = spec
+        self.plan = dense_plan(spec)
+        header, offset = {}, 0
+        for tensor in self.plan:
+            nbytes = 4 * math.prod(tensor.shape)
+            header[tensor.name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = {"format": "ferry-dense"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-(8 + len(raw)) % DATA_ALIGNMENT)
+        self.file = open(path, "wb")
+        self.hash = hashlib.sha256()
+        self._emit(len(raw).to_bytes(8, "little") + raw)
+        self.next = 0  # index into plan of the tensor expected next
+
+    def _emit(self, data) -> None:
+        self.file.write(data)
+        self.hash.update(data)
+
+    def write(self, name: str, pieces: np.ndarray | Iterable[np.ndarray]) -> int:
+        """Append tensor `name`, whole or as consecutive row chunks; returns its bytes."""
+        if self.next >= len(self.plan) or self.plan[self.next].name != name:
+            expected = self.plan[self.next].name if self.next < len(self.plan) else "nothing"
+            raise ValueError(f"dense tensors must be written in plan order: got '{name}', expected '{expected}'")
+        shape = self.plan[self.next].shape
+        if isinstance(pieces, np.ndarray):
+            pieces = [pieces]
+        written = 0
+        for piece in pieces:
+            if piece.dtype != np.float32 or piece.shape[1:] != shape[1:]:
+                raise ValueError(f"dense tensor '{name}': got a {piece.dtype} piece of shape {piece.shape}, "
+                                 f"expected float32 rows of {shape}")
+            data = memoryview(np.ascontiguousarray(piece)).cast("B")
+            self._emit(data)
+            written += data.nbytes
+        if written != 4 * math.prod(shape):
+            raise ValueError(f"dense tensor '{name}': wrote {written} bytes, its shape {shape} needs {4 * math.prod(shape)}")
+        self.next += 1
+        return written
+
+    def close(self) -> DenseRecord:
+        if self.next != len(self.plan):
+            raise ValueError(f"dense file closed before '{self.plan[self.next].name}' was written")
+        self.file.flush()
+        size = self.file.tell()
+        self.file.close()
+        return DenseRecord(FileRecord(self.relative, size, self.hash.hexdigest()), tuple(self.plan),
+                           tied_head=self.spec.tie_word_embeddings)
+
+    def abort(self) -> None:
+        self.file.close()

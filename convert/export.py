@@ -1,0 +1,147 @@
+"""The artifact's static graphs: which ones, their input/output signatures, and their MindIR export.
+
+Legend: T launch tokens, S cache capacity (max context), H hidden, V vocabulary, K experts per
+token, P rotary dims, KV key/value heads, D head dim, W conv width, C conv channels (DeltaNet),
+Hv/Dk/Dv DeltaNet value heads / key dim / value dim, G slots and Ce capacity of an expert tier.
+
+Every Cell takes its weights as inputs (nothing is a Parameter), so one graph per (kind, launch
+size) serves every layer of that kind, and one expert-group graph per tier serves every expert.
+A graph is exported from zero-filled inputs of its exact shapes: `np.zeros` maps untouched zero
+pages, so even the [V, H] tables of the real model cost no memory here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from convert import names
+from convert.manifest import FileRecord, GraphRecord, TensorSig, TierRecord
+from convert.spec import ModelSpec
+from convert.store import block_layout
+
+GRAPH_DIR = "graphs"
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    name: str
+    kind: str
+    tokens: int | None
+    tier: TierRecord | None
+    inputs: tuple[TensorSig, ...]
+    outputs: tuple[TensorSig, ...]
+
+    @property
+    def path(self) -> str:
+        return f"{GRAPH_DIR}/{self.name}.mindir"
+
+
+def _f32(*shape: int) -> TensorSig:
+    return TensorSig(tuple(shape), "float32")
+
+
+def _i32(*shape: int) -> TensorSig:
+    return TensorSig(tuple(shape), "int32")
+
+
+def _layer_weights(spec: ModelSpec, kind: str, order: tuple[str, ...]) -> tuple[TensorSig, ...]:
+    layer = spec.layer_types.index(kind)
+    table = names.layer_names(spec, layer)
+    return tuple(_f32(*table[key].shape) for key in order)
+
+
+def _moe_outputs(spec: ModelSpec, t: int) -> tuple[TensorSig, ...]:
+    h, k = spec.hidden_size, spec.num_experts_per_tok
+    return _f32(t, h), _f32(t, h), _f32(t, k), _i32(t, k)  # partial, x_moe, top-k weights, top-k experts
+
+
+def graph_plans(spec: ModelSpec, buckets: tuple[int, ...], tiers: tuple[TierRecord, ...], max_context: int,
+                expert_dtype: str) -> list[GraphPlan]:
+    """Every graph an artifact holds, with the signatures the runtime will call it with."""
+    from graphs.layer import ATTENTION_WEIGHTS, DELTANET_WEIGHTS
+
+    h, v, s = spec.hidden_size, spec.vocab_size, max_context
+    kv, d, p = spec.num_key_value_heads, spec.head_dim, spec.rotary_dim
+    sizes = (1,) + tuple(b for b in buckets if b != 1)
+    plans = []
+    for t in sizes:
+        plans.append(GraphPlan(f"embedding_t{t}", "embedding", t, None, (_i32(t), _f32(v, h)), (_f32(t, h),)))
+        plans.append(GraphPlan(f"head_t{t}", "head", t, None, (_f32(t, h), _f32(h), _f32(v, h)), (_f32(t, v),)))
+    if "full_attention" in spec.layer_types:
+        weights = _layer_weights(spec, "full_attention", ATTENTION_WEIGHTS)
+        for t in sizes:
+            inputs = (_f32(t, h), _f32(t, p), _f32(t, p), _f32(s, kv, d), _f32(s, kv, d), _i32()) + weights
+            outputs = _moe_outputs(spec, t) + (_f32(t, kv, d), _f32(t, kv, d))
+            plans.append(GraphPlan(f"attention_t{t}", "attention", t, None, inputs, outputs))
+    if "linear_attention" in spec.layer_types:
+        weights = _layer_weights(spec, "linear_attention", DELTANET_WEIGHTS)
+        conv = _f32(spec.linear_conv_kernel_dim - 1, spec.conv_dim)
+        rec = _f32(spec.linear_num_value_heads, spec.linear_key_head_dim, spec.linear_value_head_dim)
+        for t in sizes:
+            inputs = (_f32(t, h), conv, rec, _i32()) + weights
+            plans.append(GraphPlan(f"deltanet_t{t}", "deltanet", t, None, inputs, _moe_outputs(spec, t) + (conv, rec)))
+    parts = block_layout(spec, expert_dtype)
+    for tier in tiers:
+        g, c = tier.group, tier.capacity
+        slot_inputs = tuple(TensorSig(part.shape, part.dtype) for part in parts for _ in range(g))
+        plans.append(GraphPlan(f"experts_{expert_dtype}_g{g}_c{c}", "expert_group", None, tier,
+                               (_f32(g, c, h),) + slot_inputs, (_f32(g, c, h),)))
+    return plans
+
+
+def build_cell(plan: GraphPlan, spec: ModelSpec, max_context: int, expert_dtype: str):
+    """The Cell a plan exports (the same classes the eager engine runs)."""
+    from graphs.embed_head import Embedding, Head
+    from graphs.layer import AttentionLayer, DeltaNetLayer
+    from graphs.moe import ExpertGroup, ExpertGroupFP16, ExpertGroupInt8
+
+    if plan.kind == "embedding":
+        return Embedding()
+    if plan.kind == "head":
+        return Head(spec.rms_norm_eps)
+    if plan.kind == "attention":
+        return AttentionLayer(spec, plan.tokens, max_context)
+    if plan.kind == "deltanet":
+        return DeltaNetLayer(spec, plan.tokens)
+    group = {"fp32": ExpertGroup, "fp16": ExpertGroupFP16, "int8": ExpertGroupInt8}[expert_dtype]
+    return group(plan.tier.group, spec.moe_intermediate_size)
+
+
+def zero_inputs(signature: tuple[TensorSig, ...]) -> list:
+    import mindspore as ms
+
+    return [ms.Tensor.from_numpy(np.zeros(sig.shape, sig.dtype)) for sig in signature]
+
+
+# MindIR bytes of graphs already exported by this process, by everything a graph depends on, so
+# that converting one model to several storage formats (benchmarks, tests) exports each graph once.
+_EXPORTED: dict[tuple, bytes] = {}
+
+
+def export_graph(plan: GraphPlan, spec: ModelSpec, max_context: int, expert_dtype: str, root: Path) -> GraphRecord:
+    """Export one graph as `root / plan.path` and return its manifest record."""
+    import mindspore as ms
+    from runtime.graph_set import graph_spec  # the spec with fields no layer graph depends on blanked
+
+    target = root / plan.path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    key = (plan, graph_spec(spec), max_context, expert_dtype if plan.kind == "expert_group" else None)
+    if key in _EXPORTED:
+        target.write_bytes(_EXPORTED[key])
+    else:
+        cell = build_cell(plan, spec, max_context, expert_dtype)
+        ms.export(cell, *zero_inputs(plan.inputs), file_name=str(target.with_suffix("")), file_format="MINDIR")
+        if not target.is_file():
+            raise RuntimeError(f"mindspore.export did not write {target}")
+        _EXPORTED[key] = target.read_bytes()
+    return GraphRecord(plan.name, plan.kind, plan.tokens, plan.tier, file_record(root, plan.path),
+                       plan.inputs, plan.outputs)
+
+
+def file_record(root: Path, relative: str) -> FileRecord:
+    from convert.artifact import sha256_of
+
+    path = root / relative
+    return FileRecord(relative, path.stat().st_size, sha256_of(path))

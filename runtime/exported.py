@@ -1,0 +1,74 @@
+"""`ExportedGraphs`: the `GraphSet` of an artifact, MindIR graphs run through `nn.GraphCell`.
+
+Legend: T tokens in a launch, G slots and C capacity of a tier.
+A graph file is loaded (`mindspore.load`) the first time its shape is asked for and compiled on
+its first call, then kept (per process, by checksum: identical graphs of two artifacts load once). Each launch's arguments are checked against the signature the manifest
+records, so a wrong shape fails naming the graph and the input instead of deep inside MindSpore.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import nn
+
+from convert.artifact import Artifact
+from convert.manifest import ArtifactError, GraphRecord, TierRecord
+from offload.tiers import Tier
+
+_DTYPES = {"float32": ms.float32, "float16": ms.float16, "int8": ms.int8, "int32": ms.int32}
+# Loaded graphs by file SHA-256: artifacts sharing a graph (one model in several storage formats)
+# load and compile it once per process. A graph holds no weights, so sharing it is safe.
+_CELLS: dict[str, nn.GraphCell] = {}
+
+
+class GraphLaunch:
+    """One loaded graph; calling it checks the arguments and runs it."""
+
+    def __init__(self, cell: nn.GraphCell, record: GraphRecord):
+        self.cell, self.record = cell, record
+        self.signature = tuple((tuple(s.shape), _DTYPES[s.dtype]) for s in record.inputs)
+
+    def __call__(self, *args):
+        if len(args) != len(self.signature):
+            raise ValueError(f"graph {self.record.name} takes {len(self.signature)} inputs, got {len(args)}")
+        for index, (arg, (shape, dtype)) in enumerate(zip(args, self.signature)):
+            if tuple(arg.shape) != shape or arg.dtype != dtype:
+                raise ValueError(f"graph {self.record.name} input {index}: expected {dtype} {shape}, "
+                                 f"got {arg.dtype} {tuple(arg.shape)}")
+        return self.cell(*args)
+
+
+class ExportedGraphs:
+    """Implements `runtime.graph_set.GraphSet` from an artifact's graph files."""
+
+    def __init__(self, artifact: Artifact):
+        self.artifact = artifact
+        self.manifest = artifact.manifest
+        self._loaded: dict[str, GraphLaunch] = {}
+
+    def _launch(self, record: GraphRecord) -> GraphLaunch:
+        launch = self._loaded.get(record.name)
+        if launch is None:
+            path = self.artifact.path_of(record.file.path, f"graph {record.name}")
+            if not path.is_file():
+                raise ArtifactError(f"{path}: graph file of {record.name} is missing")
+            cell = _CELLS.get(record.file.sha256)
+            if cell is None:
+                cell = _CELLS[record.file.sha256] = nn.GraphCell(ms.load(str(path)))
+            launch = GraphLaunch(cell, record)
+            self._loaded[record.name] = launch
+        return launch
+
+    def attention(self, tokens: int) -> GraphLaunch:
+        return self._launch(self.manifest.graph("attention", tokens))
+
+    def deltanet(self, tokens: int) -> GraphLaunch:
+        return self._launch(self.manifest.graph("deltanet", tokens))
+
+    def embedding(self, tokens: int) -> GraphLaunch:
+        return self._launch(self.manifest.graph("embedding", tokens))
+
+    def head(self, tokens: int) -> GraphLaunch:
+        return self._launch(self.manifest.graph("head", tokens))
+
+    def expert_group(self, tier: Tier) -> GraphLaunch:
+        return self._launch(self.manifest.graph("expert_group", tier=TierRecord(tier.capacity, tier.group)))

@@ -1,0 +1,226 @@
+"""Bad artifacts and bad converts fail early, naming the culprit; nothing in an artifact is unpickled.
+
+One small FP32 artifact (decode graphs only) is converted per module; each test damages a copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from checkpoints import TinyShape, write_checkpoint
+from convert.artifact import Artifact, ChecksumError, ExpertChecksumError, MissingFileError, ModelMismatchError
+from convert.cli import main as cli
+from convert.manifest import ArtifactError, ManifestError, ManifestVersionError, TierRecord, UnsafePathError
+from convert.pipeline import ArtifactExistsError, ConvertOptions, convert
+from offload.store_weights import StoreExperts
+from runtime.build import engine_from_artifact
+
+REPO = Path(__file__).resolve().parents[1]
+OPTIONS = ConvertOptions("fp32", (TierRecord(1, 2), TierRecord(4, 2)), (16,), 32)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    model_dir = write_checkpoint(TinyShape(), tmp_path_factory.mktemp("ckpt"))
+    out = tmp_path_factory.mktemp("art") / "good"
+    convert(model_dir, out, OPTIONS, progress=False)
+    return model_dir, out
+
+
+@pytest.fixture
+def artifact(source, tmp_path):
+    copy = tmp_path / "artifact"
+    shutil.copytree(source[1], copy)
+    return copy
+
+
+def edit_manifest(root: Path, change) -> None:
+    path = root / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_good_artifact_opens_fully_verified(artifact):
+    opened = Artifact.open(artifact, verify="full")
+    assert len(opened.experts.verified) == opened.spec.num_layers * opened.spec.num_experts
+
+
+def test_corrupted_expert_block_names_layer_and_expert(artifact, capsys):
+    opened = Artifact.open(artifact, verify="none")
+    block = opened.experts.blocks[(2, 5)]
+    with open(artifact / "experts.bin", "r+b") as f:  # flip one byte inside the block's down weights
+        f.seek(block.offset + opened.manifest.experts.parts[1].offset + 100)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x40]))
+    with pytest.raises(ExpertChecksumError, match="layer 2, expert 5") as err:
+        Artifact.open(artifact, verify="full")
+    assert (err.value.layer, err.value.expert) == (2, 5)
+    # lazily, at run time: the first launch that needs the block fails, other blocks still serve
+    weights = StoreExperts(Artifact.open(artifact).experts)
+    weights.launch_weights(2, [4, 6])
+    with pytest.raises(ExpertChecksumError, match="layer 2, expert 5"):
+        weights.launch_weights(2, [4, 5])
+    assert cli(["verify", str(artifact)]) == 1
+    printed = capsys.readouterr().out
+    assert "layer 2, expert 5" in printed and "FAILED: 1 of" in printed
+
+
+def test_manifest_of_another_version(artifact):
+    edit_manifest(artifact, lambda m: m.update(version=2))
+    with pytest.raises(ManifestVersionError, match="manifest version 2, this Ferry reads version 1"):
+        Artifact.open(artifact)
+
+
+def test_not_a_ferry_manifest(artifact):
+    edit_manifest(artifact, lambda m: m.update(format="something-else"))
+    with pytest.raises(ManifestError, match="not a Ferry artifact"):
+        Artifact.open(artifact)
+
+
+def test_missing_graph_file(artifact):
+    (artifact / "graphs" / "deltanet_t16.mindir").unlink()
+    with pytest.raises(MissingFileError, match="graphs/deltanet_t16.mindir"):
+        Artifact.open(artifact)
+
+
+def test_changed_graph_file_fails_its_checksum(artifact):
+    path = artifact / "graphs" / "head_t1.mindir"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="head_t1.mindir: SHA-256"):
+        Artifact.open(artifact)
+    Artifact.open(artifact, verify="none")  # sizes only: opens
+
+
+def test_truncated_store(artifact):
+    with open(artifact / "experts.bin", "r+b") as f:
+        f.truncate(4096)
+    with pytest.raises(ChecksumError, match="experts.bin: 4096 bytes, the manifest records"):
+        Artifact.open(artifact, verify="none")
+
+
+def test_artifact_of_another_model(artifact, source, tmp_path):
+    spec = Artifact.open(artifact, verify="none").spec
+    other = dataclasses.replace(spec, hidden_size=128, num_experts=16)
+    with pytest.raises(ModelMismatchError, match=r"hidden_size: artifact 64, expected 128; num_experts"):
+        engine_from_artifact(artifact, expect=other)
+    # a dense file taken from another artifact (another checkpoint of the same shape) fails its checksum
+    other_dir = write_checkpoint(TinyShape(seed=9), tmp_path / "other-ckpt")
+    convert(other_dir, tmp_path / "other", OPTIONS, progress=False)
+    shutil.copy(tmp_path / "other" / "dense.safetensors", artifact / "dense.safetensors")
+    with pytest.raises(ChecksumError, match="dense.safetensors: SHA-256"):
+        Artifact.open(artifact)
+    # a manifest claiming another model does not fit its own store
+    edit_manifest(artifact, lambda m: m["model"].update(hidden_size=128))
+    with pytest.raises(ManifestError, match="experts.parts"):
+        Artifact.open(artifact)
+
+
+@pytest.mark.parametrize("path", ["../outside.bin", "/etc/passwd", "graphs/../../x", "C:/x", "./dense.safetensors", ""])
+def test_manifest_paths_outside_the_artifact_are_refused(artifact, path):
+    edit_manifest(artifact, lambda m: m["dense"]["file"].update(path=path))
+    with pytest.raises(UnsafePathError, match="dense.file.path"):
+        Artifact.open(artifact, verify="none")
+
+
+def test_symlink_out_of_the_artifact_is_refused(artifact, tmp_path):
+    outside = tmp_path / "outside.mindir"
+    target = artifact / "graphs" / "head_t1.mindir"
+    shutil.copy(target, outside)  # same bytes, so only the location is wrong
+    target.unlink()
+    target.symlink_to(outside)
+    with pytest.raises(UnsafePathError, match="outside the artifact"):
+        Artifact.open(artifact, verify="none")
+
+
+def test_wrong_field_type_names_the_field(artifact):
+    edit_manifest(artifact, lambda m: m["experts"]["blocks"][3].update(offset="12288"))
+    with pytest.raises(ManifestError, match=r"'experts.blocks\[3\].offset' should be int"):
+        Artifact.open(artifact, verify="none")
+    edit_manifest(artifact, lambda m: m["experts"]["blocks"][3].update(offset=12288, extra=1))
+    with pytest.raises(ManifestError, match=r"experts.blocks\[3\] has unknown field"):
+        Artifact.open(artifact, verify="none")
+
+
+def test_overlapping_blocks_are_refused(artifact):
+    edit_manifest(artifact, lambda m: m["experts"]["blocks"][1].update(offset=m["experts"]["blocks"][0]["offset"]))
+    with pytest.raises(ManifestError, match="overlap"):
+        Artifact.open(artifact, verify="none")
+
+
+def test_directory_without_manifest_is_not_an_artifact(tmp_path):
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        Artifact.open(tmp_path)
+
+
+def test_nothing_is_unpickled(artifact, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("an artifact must never be unpickled")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(np, "load", refuse)
+    engine = engine_from_artifact(artifact, verify="full")
+    assert np.isfinite(engine.forward([3, 4, 5])).all()
+
+
+def test_interrupted_convert_leaves_nothing(source, tmp_path):
+    out = tmp_path / "interrupted"
+
+    def stop(layer):
+        if layer == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(source[0], out, OPTIONS, progress=False, on_layer=stop)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_convert_leaves_no_artifact_and_the_next_one_cleans_up(source, tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "convert", "--model-dir", str(source[0]), "--out", str(out), "--quiet",
+               "--tiers", "1x2", "--buckets", "16", "--max-context", "32"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("killed.tmp-*/graphs/*.mindir")) and time.monotonic() < deadline:
+        assert process.poll() is None, "convert finished before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    (stale,) = tmp_path.glob("killed.tmp-*")
+    assert not (stale / "manifest.json").exists()
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        Artifact.open(stale)
+    convert(source[0], out, OPTIONS, progress=False)  # the dead process's directory is removed
+    assert [p.name for p in tmp_path.iterdir()] == ["killed"]
+
+
+def test_existing_output_needs_force(source, tmp_path):
+    out = tmp_path / "again"
+    convert(source[0], out, OPTIONS, progress=False)
+    with pytest.raises(ArtifactExistsError, match="--force"):
+        convert(source[0], out, OPTIONS, progress=False)
+    before = json.loads((out / "manifest.json").read_text())["experts"]["dtype"]
+    convert(source[0], out, dataclasses.replace(OPTIONS, dtype="fp16"), force=True, progress=False)
+    assert (before, Artifact.open(out).manifest.experts.dtype) == ("fp32", "fp16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactExistsError, match="not an artifact"):
+        convert(source[0], precious, OPTIONS, force=True, progress=False)
+    assert (precious / "notes.txt").read_text() == "keep me"
