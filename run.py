@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from convert.spec import CheckpointError, ModelSpec
 from offload.tiers import TierSet
 from runtime import settings
-from runtime.plan import ALL, AUTO, DeviceProfile, Placement, plan_memory, size
+from runtime.plan import ALL, AUTO, DeviceProfile, MemoryPlan, Placement, plan_memory, size
 from runtime.prompting import PromptSource, TextStream, apply_chat_template, prompt_source, shown
 from runtime.settings import ConfigError
 
@@ -53,51 +53,60 @@ def silent(*args, **kwargs) -> None:
 
 # ---- the one place run.py meets the engine builders ------------------------------------------------
 
-RUNS_TODAY = Placement(ALL)  # what build_engine below can do: every expert resident
+def uses_offload(plan: MemoryPlan, placement: Placement) -> bool:
+    """Whether the run needs the offload controller rather than every expert resident from the start."""
+    return (placement.expert_budget_gb not in (AUTO, ALL) or not plan.all_resident or placement.prefetch
+            or placement.host_compute != "never")
 
 
-def build_engine(model_dir: Path, tiers, buckets, max_context: int):
-    """The engine for a run. Today only `runtime.build.engine_from_checkpoint` exists: an HF directory,
-    every expert resident, MindSpore's CPU backend. The artifact loader (`engine_from_artifact`,
-    from `python -m convert`) and the offload controller (`engine_with_offload`: expert budget,
-    policy, prefetch, host compute) plug in here; `RUNS_TODAY` and `inactive_options` then lose
-    what they make active."""
-    from runtime.build import engine_from_checkpoint  # MindSpore loads here: plans and config errors stay fast
+def build_engine(model_dir: Path, plan: MemoryPlan, placement: Placement, tiers, buckets, max_context: int,
+                 device: DeviceProfile):
+    """The engine for a run, from `runtime.build`. Every expert resident (budget `all`, or `auto` when
+    they all fit, and nothing else asked): `engine_from_checkpoint`. Otherwise `engine_with_offload`,
+    with the slot pool the memory plan sized (the budget in GiB, or what `auto` found room for), the
+    eviction policy, prefetch, and host compute as the CPU/NPU split. Artifact directories
+    (`engine_from_artifact`, `python -m convert`) plug in here next; `inactive_options` says so."""
+    from runtime import build  # MindSpore loads here: plans and config errors stay fast
 
-    return engine_from_checkpoint(model_dir, tiers, buckets, max_context)
+    if not uses_offload(plan, placement):
+        return build.engine_from_checkpoint(model_dir, tiers, buckets, max_context)
+    from offload.budget import BudgetError
+    from offload.placement import from_host_compute
+
+    try:
+        return build.engine_with_offload(
+            model_dir, budget_bytes=plan.slots * plan.expert_bytes, policy=placement.policy,
+            prefetch=placement.prefetch, placement=from_host_compute(placement.host_compute), tiers=tiers,
+            buckets=buckets, max_context=max_context, device_memory_bytes=device.memory_bytes)
+    except BudgetError as err:
+        raise CannotRun(f"expert budget: {err}") from None
 
 
-def inactive_options(placement: Placement, model: DictConfig) -> list[str]:
+def inactive_options(model: DictConfig) -> list[str]:
     """Settings that validate but do not act yet, said plainly at the start of a run."""
     notes = []
-    if placement.expert_budget_gb not in (AUTO, ALL):
-        notes.append(f"placement.expert_budget_gb={placement.expert_budget_gb:g} (policy {placement.policy}): "
-                     "no expert slot pool yet (offload controller, issue 4); every expert stays resident")
-    if placement.prefetch:
-        notes.append("placement.prefetch=true: nothing streams yet, so nothing is prefetched (issue 4)")
-    host = placement.host_compute
-    if host != "never":
-        shown_host = list(host) if isinstance(host, tuple) else host
-        notes.append(f"placement.host_compute={shown_host}: the CPU/NPU split is not built yet (issue 4); "
-                     "on the CPU backend every expert runs on the host anyway")
     if model.get("artifact"):
-        notes.append(f"model.artifact={model.artifact}: artifact directories do not run yet (python -m convert, "
-                     "issue 3); reading the HF checkpoint at model.path")
+        notes.append(f"model.artifact={model.artifact}: artifact directories do not run from run.py yet "
+                     "(python -m convert, issue 3); reading the HF checkpoint at model.path")
     return notes
 
 
-def counters(engine) -> dict:
-    """Everything the engine counted, as JSON. The offload controller adds its hits, misses and bytes here."""
+def counters(engine, offloaded: bool) -> dict:
+    """Everything the engine counted, as JSON: launches per tier, and the offload controller's
+    hits, misses, bytes streamed and stall per layer when it ran."""
     c = engine.dispatcher.counters
     tiers = [{"capacity": t.capacity, "group": t.group, "launches": c.launches[i], "tokens": c.tokens[i],
               "padding": c.padding[i]} for i, t in enumerate(engine.dispatcher.tiers)]
-    return {"dispatch": {"tiers": tiers, "expert_tokens": c.expert_tokens}, "offload": None}
+    offload = engine.dispatcher.stats.to_dict() if offloaded else None
+    return {"dispatch": {"tiers": tiers, "expert_tokens": c.expert_tokens}, "offload": offload}
 
 
 def reset_counters(engine) -> None:
+    """After the warm-up: count the measured run alone (slots it loaded stay loaded)."""
     from offload.dispatch import DispatchCounters
 
     engine.dispatcher.counters = DispatchCounters.for_tiers(engine.dispatcher.tiers)
+    engine.dispatcher.stats.reset()
 
 
 # ---- model ------------------------------------------------------------------------------------------
@@ -244,14 +253,12 @@ def validated(cfg: DictConfig) -> Run:
 def plan_mode(r: Run) -> int:
     plan = plan_memory(r.spec, r.device, r.placement, r.max_context, r.buckets[-1], r.tiers, r.model.name)
     print(plan.format())
-    if r.placement.expert_budget_gb != ALL and not plan.all_resident:
-        print("  note: runs today keep every expert resident (the offload controller is issue 4); "
-              "this plan is for when experts stream")
     return 0 if plan.fits else 1
 
 
-def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> dict:
-    """Generate, streaming the text unless quiet (a multirun job); return the run's record."""
+def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
+    """Generate, streaming the text unless quiet (a multirun job); return the run's record and the
+    offload controller's per-layer table when it ran."""
     started = time.perf_counter()
     say = silent if quiet else print
     if r.device.backend != "CPU":
@@ -260,12 +267,15 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> dict:
     sampling = settings.sampling(cfg.sampling)
     max_new = settings.positive_int(cfg.max_new_tokens, "max_new_tokens")
     source = prompt_source(cfg.prompt, cfg.prompt_file, cfg.prompt_ids, r.model.get("default_prompt"))
-    notes = inactive_options(r.placement, r.model)
-    plan = plan_memory(r.spec, r.device, RUNS_TODAY, r.max_context, r.buckets[-1], r.tiers, r.model.name)
+    if r.placement.policy == "belady":
+        raise ConfigError("placement.policy=belady needs the requests of the future: it is the offline yardstick "
+                          "of bench/offload.py on recorded traces; choose lru, lfu or decay for a run")
+    notes = inactive_options(r.model)
+    plan = plan_memory(r.spec, r.device, r.placement, r.max_context, r.buckets[-1], r.tiers, r.model.name)
     if not plan.fits:
         print(plan.format())
-        raise CannotRun(f"this run does not fit {r.device.name} with every expert resident, the only placement that "
-                        f"runs today (streaming experts is issue 4): {plan.problems[0]}")
+        raise CannotRun(f"this run does not fit {r.device.name}: {plan.problems[0]}")
+    offloaded = uses_offload(plan, r.placement)
 
     model_dir = r.model_dir
     if r.model.kind == "demo":
@@ -282,8 +292,11 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> dict:
     say(f"          {r.spec.num_layers} layers ({kinds.count('linear_attention')} DeltaNet + "
         f"{kinds.count('full_attention')} attention), {r.spec.num_experts} experts top-{r.spec.num_experts_per_tok}, "
         f"hidden {r.spec.hidden_size}, vocab {r.spec.vocab_size}")
-    say(f"plan      {size(plan.total)} of {size(r.device.memory_bytes)} on {r.device.name}, "
-        f"all {plan.total_experts} experts resident: fits")
+    pool = (f"all {plan.total_experts} experts resident" if not offloaded else
+            f"{plan.slots} of {plan.total_experts} expert slots ({size(plan.slots * plan.expert_bytes)}), "
+            f"policy {r.placement.policy}, prefetch {'on' if r.placement.prefetch else 'off'}, "
+            f"host compute {r.placement.host_compute}")
+    say(f"plan      {size(plan.total)} of {size(r.device.memory_bytes)} on {r.device.name}, {pool}: fits")
     for note in notes:
         say(f"not active yet: {note}")
 
@@ -312,7 +325,7 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> dict:
 
     configure(r.device.backend, cfg.device.get("threads"))
     t0 = time.perf_counter()
-    engine = build_engine(model_dir, r.tiers, buckets, r.max_context)
+    engine = build_engine(model_dir, plan, r.placement, r.tiers, buckets, r.max_context, r.device)
     build_s = time.perf_counter() - t0
     warmup_s = 0.0
     if cfg.warmup:
@@ -343,6 +356,7 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> dict:
         "decode_s": result.decode_time, "decode_tokens_per_s": result.decode_tokens_per_s,
         "generated_tokens": len(result.token_ids), "wall_s": time.perf_counter() - started,
     }
+    table = engine.dispatcher.stats.table() if offloaded else None
     return {
         "model": {"name": r.model.name, "path": str(model_dir), "demo": r.model.kind == "demo",
                   "spec": r.spec.to_dict()},
@@ -354,19 +368,26 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> dict:
         },
         "inactive": notes,
         "prompt_origin": source.origin, "prompt_ids": ids, "generated_ids": result.token_ids, "text": out_text,
-        "stopped_on_eos": result.stopped_on_eos, "timings": timings, "counters": counters(engine),
+        "stopped_on_eos": result.stopped_on_eos, "timings": timings, "counters": counters(engine, offloaded),
         "plan": plan.to_dict(),
-    }
+    }, table
 
 
-def report(record: dict, cfg: DictConfig, quiet: bool) -> None:
+def report(record: dict, offload_table: str | None, cfg: DictConfig, quiet: bool) -> None:
     t = record["timings"]
     say = silent if quiet else print
     stop = "EOS" if record["stopped_on_eos"] else f"max_new_tokens={record['settings']['max_new_tokens']}"
     say(f"timings   time to first token {t['ttft_s'] * 1e3:.0f} ms (prefill of {len(record['prompt_ids'])} tokens), "
         f"decode {t['decode_tokens_per_s']:.1f} tokens/s over {t['generated_tokens']} tokens (stopped at {stop}), "
         f"{t['wall_s']:.1f} s in run.py")
-    say(counters_table(record["counters"]))
+    if record["counters"]["offload"] is None:
+        say(counters_table(record["counters"]))
+    else:
+        offload = record["counters"]["offload"]
+        warm = " (counted after the warm-up run: its experts are already in slots)" if cfg.warmup else ""
+        say(f"offload   hit rate {100 * offload['hit_rate']:.1f}%, {offload['bytes_per_token'] / 2**20:.2f} MiB "
+            f"streamed per token, stalled {100 * offload['stall_fraction']:.1f}% of launch time{warm}")
+        say(offload_table)
     output_dir, choices, overrides, multirun = hydra_context()
     record.update(choices=choices, overrides=overrides)
     written = []
@@ -389,7 +410,8 @@ def run(cfg: DictConfig) -> int:
     if cfg.mode == "plan":
         return plan_mode(r)
     multirun = hydra_context()[3]
-    report(run_mode(cfg, r, quiet=multirun), cfg, quiet=multirun)
+    record, offload_table = run_mode(cfg, r, quiet=multirun)
+    report(record, offload_table, cfg, quiet=multirun)
     sys.stdout.flush()
     return 0
 

@@ -213,22 +213,24 @@ def plan_memory(spec: ModelSpec, device: DeviceProfile, placement: Placement, ma
     plan = MemoryPlan(title, device, max_context, items, expert_bytes, total_experts, slots)
 
     largest_fit = max(0, min(room // expert_bytes, total_experts))
-    fit_hint = (f"the largest expert budget that fits is {math.floor(largest_fit * expert_bytes / GIB * 100) / 100:.2f} "
-                f"GiB ({largest_fit} slots): placement.expert_budget_gb=<= that, or auto")
-    if slots < min_slots:
-        what = "what is left after the rest" if budget == AUTO else f"placement.expert_budget_gb={placement.budget_label}"
+    smallest_pool = min_slots * expert_bytes
+    if largest_fit < min_slots:  # nothing to choose: the rest leaves no room for one launch's experts
+        biggest = max(fixed, key=lambda item: item.bytes)
         plan.problems.append(
-            f"{what} holds {slots} expert slot(s) of {size(expert_bytes)}; the widest tier launches {min_slots} "
-            f"experts at once, so the pool needs at least {size(min_slots * expert_bytes)}")
-    if plan.total > device.memory_bytes:
-        over = f"needs {size(plan.total)}, {device.name} has {size(device.memory_bytes)}"
-        if largest_fit >= min_slots:
-            plan.problems.append(f"{over}: the expert slot pool ({size(pool.bytes)}, {share}) is too large; {fit_hint}")
-        else:
-            biggest = max(fixed, key=lambda item: item.bytes)
-            plan.problems.append(
-                f"{over} even with the smallest slot pool ({min_slots} slots); largest item: {biggest.name} "
-                f"{size(biggest.bytes)}; lower max_context (KV cache {size(kv_bytes)}) or use a larger device")
+            f"{device.name} has {size(device.memory_bytes)}; everything but the experts takes {size(fixed_bytes)} "
+            f"(largest: {biggest.name} {size(biggest.bytes)}), leaving {size(max(room, 0))} for expert slots, less "
+            f"than the {min_slots} slots ({size(smallest_pool)}) the widest tier launches at once; lower "
+            f"max_context (KV cache {size(kv_bytes)}) or use a larger device")
+    elif slots < min_slots:
+        plan.problems.append(
+            f"placement.expert_budget_gb={placement.budget_label} holds {slots} expert slot(s) of {size(expert_bytes)}; "
+            f"the widest tier launches {min_slots} experts at once, so the pool needs at least {size(smallest_pool)}")
+    elif plan.total > device.memory_bytes:
+        largest = math.floor(largest_fit * expert_bytes / GIB * 100) / 100
+        plan.problems.append(
+            f"needs {size(plan.total)}, {device.name} has {size(device.memory_bytes)}: the expert slot pool "
+            f"({size(pool.bytes)}, {share}) is too large; the largest expert budget that fits is {largest:.2f} GiB "
+            f"({largest_fit} slots): placement.expert_budget_gb=<= that, or auto")
     plan.notes += _traffic_notes(spec, device, plan, edge, layers, kv_bytes)
     return plan
 

@@ -3,8 +3,8 @@
 SWEEP_DIR is a Hydra multirun directory (`multirun/DATE/TIME`, or `hydra.sweep.dir`): one numbered
 subdirectory per job, each with the `metrics.json` that `run.py` writes. The sweep's axes are the
 overrides whose values differ between jobs. Writes `summary.csv`, `summary.md` (the table printed
-here) and `summary.svg` (decode tokens/s, and bytes streamed per token once the offload controller
-counts them, against the first numeric axis, one line per value of the others) into --out
+here) and `summary.svg` (decode tokens/s and MiB streamed per token against the expert budget, or
+the first numeric axis, one line per value of the other axes) into --out
 (default: SWEEP_DIR). The plot is plain SVG, written without a plotting library: any browser
 shows it.
 """
@@ -29,11 +29,9 @@ def load_jobs(sweep_dir: Path) -> list[dict]:
         record = json.loads(path.read_text())
         overrides = dict(o.split("=", 1) for o in record.get("overrides", []) if "=" in o)
         timings, dispatch = record["timings"], record["counters"]["dispatch"]
-        offload = record["counters"].get("offload") or {}
+        offload = record["counters"].get("offload")  # None: every expert resident, no offload controller
         carried = sum(t["tokens"] for t in dispatch["tiers"])
         padded = sum(t["padding"] for t in dispatch["tiers"])
-        streamed = offload.get("bytes_streamed")
-        tokens = max(1, timings["generated_tokens"] + len(record["prompt_ids"]))
         rows.append({
             "job": str(path.parent.relative_to(sweep_dir)),
             "overrides": overrides,
@@ -42,7 +40,9 @@ def load_jobs(sweep_dir: Path) -> list[dict]:
             "generated": timings["generated_tokens"],
             "launches": sum(t["launches"] for t in dispatch["tiers"]),
             "padding_pct": 100 * padded / (carried + padded) if carried + padded else 0.0,
-            "bytes_streamed_per_token": None if streamed is None else streamed / tokens,
+            "hit_pct": None if offload is None else 100 * offload["hit_rate"],
+            "stall_pct": None if offload is None else 100 * offload["stall_fraction"],
+            "mib_streamed_per_token": None if offload is None else offload["bytes_per_token"] / 2**20,
             "inactive": len(record.get("inactive", [])),
         })
     return rows
@@ -63,7 +63,8 @@ def axes(rows: list[dict]) -> list[str]:
 
 COLUMNS = [("decode_tok_s", "decode tok/s", "{:.1f}"), ("ttft_ms", "TTFT ms", "{:.0f}"),
            ("generated", "tokens", "{}"), ("launches", "expert launches", "{}"),
-           ("padding_pct", "padding %", "{:.1f}"), ("bytes_streamed_per_token", "bytes streamed/token", "{:.3g}")]
+           ("padding_pct", "padding %", "{:.1f}"), ("hit_pct", "hit %", "{:.1f}"), ("stall_pct", "stall %", "{:.1f}"),
+           ("mib_streamed_per_token", "MiB streamed/token", "{:.3g}")]
 
 
 def table(rows: list[dict], keys: list[str]) -> list[list[str]]:
@@ -119,7 +120,7 @@ def svg_plot(rows: list[dict], keys: list[str]) -> str | None:
     for row in rows:
         label = ", ".join(f"{k}={row['overrides'].get(k, '')}" for k in others) or "all jobs"
         series.setdefault(label, []).append(row)
-    panels = [("decode_tok_s", "decode tokens/s"), ("bytes_streamed_per_token", "bytes streamed per token")]
+    panels = [("decode_tok_s", "decode tokens/s"), ("mib_streamed_per_token", "MiB streamed per token")]
     width, height, pad = 420, 300, 56
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width}" height="{height + 24 * len(series) + 20}" '
            'font-family="sans-serif" font-size="12">', '<rect width="100%" height="100%" fill="white"/>']
@@ -140,7 +141,7 @@ def svg_plot(rows: list[dict], keys: list[str]) -> str | None:
         values = [r[metric] for r in rows if r[metric] is not None]
         if not values:
             out.append(f'<text x="{left + width / 2}" y="{height / 2}" text-anchor="middle" fill="#777">'
-                       'not counted yet (offload controller)</text>')
+                       'every expert resident: nothing streamed</text>')
             continue
         y_high = max(values) * 1.1 or 1.0
         to_y = lambda v: height - pad - v / y_high * (height - pad - 30)  # noqa: E731

@@ -169,13 +169,17 @@ def test_local_hf_directory_with_the_chat_template(demo, tmp_path):
     cache, path = demo
     (tmp_path / "question.txt").write_text("Where does the ferry go?")
     proc = ferry(["+model=local", f"model.path={path}", "chat=true", "prompt_file=question.txt",
-                  "max_new_tokens=3", "warmup=false", "output_json=chat.json"], tmp_path, cache)
+                  "max_new_tokens=3", "warmup=false", "output_json=chat.json", "placement.host_compute=[0]"],
+                 tmp_path, cache)
     assert_clean(proc)
     record = json.loads((tmp_path / "chat.json").read_text())
     chat = "<|im_start|>user\nWhere does the ferry go?<|im_end|>\n<|im_start|>assistant\n"
     assert record["prompt_ids"] == load_tokenizer(path).encode(chat, add_special_tokens=False).ids
     assert record["model"] == {**record["model"], "name": "local", "demo": False, "path": str(path)}
     assert record["prompt_origin"] == "prompt_file"
+    layers = record["counters"]["offload"]["layers"]  # layer 0's experts ran on the host, the others in slots
+    assert layers[0]["host_experts"] > 0 and layers[0]["misses"] == 0
+    assert all(layer["host_experts"] == 0 and layer["misses"] > 0 for layer in layers[1:])
     assert "gibberish" not in proc.stdout
 
 
@@ -183,9 +187,10 @@ def test_local_hf_directory_with_the_chat_template(demo, tmp_path):
 def test_multirun_sweep_and_its_summary(demo, tmp_path):
     cache, _ = demo
     sweep = tmp_path / "sweep"
+    # the demo's 128 experts take 48 MiB in FP32: 0.02 GiB holds 54 of them, 0.05 GiB all
     proc = ferry(["--multirun", "tiers=default,coarse", "placement.expert_budget_gb=0.02,0.05", "max_new_tokens=3",
-                  "warmup=false", f"prompt_ids=[{','.join(map(str, PROMPT_IDS))}]", f"hydra.sweep.dir={sweep}"],
-                 tmp_path, cache)
+                  "warmup=false", "placement.prefetch=true", f"prompt_ids=[{','.join(map(str, PROMPT_IDS))}]",
+                  f"hydra.sweep.dir={sweep}"], tmp_path, cache)
     assert_clean(proc)
     records = {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
     assert sorted(records) == [0, 1, 2, 3]
@@ -194,18 +199,24 @@ def test_multirun_sweep_and_its_summary(demo, tmp_path):
         assert record["choices"]["tiers"] == tiers
         assert len(record["counters"]["dispatch"]["tiers"]) == (3 if tiers == "default" else 2)
         assert record["settings"]["placement"]["expert_budget_gb"] == (0.02, 0.05)[job % 2]
-        assert "placement.expert_budget_gb" in record["inactive"][0]  # said plainly: no slot pool yet
-        assert record["generated_ids"] == records[0]["generated_ids"]  # tiers never change the tokens
+        assert record["plan"]["slots"] == (54, 128)[job % 2] and record["inactive"] == []
+        offload = record["counters"]["offload"]
+        assert offload["total"]["prefetch_issued"] > 0 and offload["total"]["misses"] > 0
+        assert record["generated_ids"] == records[0]["generated_ids"]  # neither tiers nor budgets change tokens
+    for small, large in ((0, 1), (2, 3)):  # a smaller pool streams more
+        streamed = [records[j]["counters"]["offload"]["bytes_per_token"] for j in (small, large)]
+        assert streamed[0] > streamed[1] > 0
     assert proc.stdout.count("job tiers=") == 4  # one line per job, nothing interleaved
 
     summary = ferry([str(sweep)], REPO, cache, module="runtime.sweep_summary")
     assert_clean(summary)
     rows = (sweep / "summary.csv").read_text().splitlines()
     assert rows[0].startswith("job,tiers,placement.expert_budget_gb,decode tok/s")
+    assert rows[0].endswith("hit %,stall %,MiB streamed/token")
     assert [r.split(",")[:3] for r in rows[1:]] == [["0", "default", "0.02"], ["1", "default", "0.05"],
                                                      ["2", "coarse", "0.02"], ["3", "coarse", "0.05"]]
     plot = ET.parse(sweep / "summary.svg").getroot()
-    assert len(plot.findall("{http://www.w3.org/2000/svg}polyline")) == 2  # one line per tiers option
+    assert len(plot.findall("{http://www.w3.org/2000/svg}polyline")) == 4  # per panel, one line per tiers option
     assert "| coarse" in summary.stdout
 
 
@@ -286,6 +297,8 @@ BAD = [
     (["placement.expert_budget_gb=-1"], 2, "placement.expert_budget_gb must be >= 0, got -1"),
     (["placement.expert_budget_gb=lots"], 2, "must be a size in GiB, 'auto' or 'all'"),
     (["placement.policy=fifo"], 2, "placement.policy must be one of"),
+    (["placement.policy=belady"], 2, "placement.policy=belady needs the requests of the future"),
+    (["placement.expert_budget_gb=0.001"], 1, "holds 2 expert slot(s) of 0.4 MiB; the widest tier launches 4"),
     (["tiers.0.capacity=128"], 2, "capacities must be sorted ascending: entry 1 has capacity 8 after 128"),
     (["tiers=[]"], 2, "tiers is a config group"),
     (["device=nosuch"], 1, "Could not find 'device/nosuch'"),
@@ -303,7 +316,7 @@ BAD = [
     (["prompt_ids=[5000]"], 2, "prompt_ids [5000] are outside the vocabulary (size 1024)"),
     (["chat=true", "prompt_ids=[1]"], 2, "chat=true needs a text prompt"),
     (["max_context=8"], 2, "the prompt is 14 tokens, longer than max_context=8"),
-    (["device.memory_gb=1"], 1, "this run does not fit cpu with every expert resident"),
+    (["device.memory_gb=1"], 1, "this run does not fit cpu: cpu has 1.00 GiB; everything but the experts takes 1.51 GiB"),
 ]
 
 
@@ -341,19 +354,19 @@ def test_missing_or_wrong_weights_say_what_to_do(demo, tmp_path):
 def test_summary_reads_streamed_bytes_and_plots_against_the_budget(tmp_path):
     from runtime.sweep_summary import summarise
 
-    for job, (budget, streamed) in enumerate([(2, 9e6), (4, 5e6), (8, 1e6)]):
+    for job, (budget, streamed) in enumerate([(2, 9 * 2**20), (4, 5 * 2**20), (8, 2**20)]):
         record = {"overrides": [f"placement.expert_budget_gb={budget}", "tiers=default"],
                   "prompt_ids": [1, 2, 3], "inactive": [],
                   "timings": {"decode_tokens_per_s": 10.0 * budget, "ttft_s": 0.1, "generated_tokens": 7},
                   "counters": {"dispatch": {"tiers": [{"launches": 4, "tokens": 30, "padding": 10}]},
-                               "offload": {"bytes_streamed": streamed}}}
+                               "offload": {"bytes_per_token": streamed, "hit_rate": 0.5, "stall_fraction": 0.25}}}
         (tmp_path / str(job)).mkdir()
         (tmp_path / str(job) / "metrics.json").write_text(json.dumps(record))
     text = summarise(tmp_path)
     rows = [r.split(",") for r in (tmp_path / "summary.csv").read_text().splitlines()]
     assert rows[0][:2] == ["job", "placement.expert_budget_gb"]  # tiers did not vary: not an axis
-    assert [r[-1] for r in rows[1:]] == ["9e+05", "5e+05", "1e+05"]  # bytes per token over 10 tokens
-    assert [r[-2] for r in rows[1:]] == ["25.0"] * 3
+    assert [r[-3:] for r in rows[1:]] == [["50.0", "25.0", "9"], ["50.0", "25.0", "5"], ["50.0", "25.0", "1"]]
+    assert [r[-4] for r in rows[1:]] == ["25.0"] * 3  # padding %
     svg = ET.parse(tmp_path / "summary.svg").getroot()
     assert len(svg.findall("{http://www.w3.org/2000/svg}polyline")) == 2  # both panels drawn
     assert "| 2 " in text
