@@ -83,15 +83,20 @@ def fit_launch_cost(timings: list[Timing]) -> tuple[LaunchCost, np.ndarray]:
     return cost, design @ best - target
 
 
+def expert_pool(size: int, hidden: int, intermediate: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`size` random experts (gate_up [2I, H], down [H, I], FP32): more bytes than CPU caches hold."""
+    rng = np.random.default_rng(0)
+    scale = np.float32(hidden ** -0.5)
+    return [(rng.standard_normal((2 * intermediate, hidden), np.float32) * scale,
+             rng.standard_normal((hidden, intermediate), np.float32) * scale) for _ in range(size)]
+
+
 def measure(groups=(1, 2, 4, 8), capacities=(1, 4, 16, 64), hidden=2048, intermediate=512,
             repeats=7, pool_size=24) -> list[Timing]:
     from runtime.backend import configure
 
     configure()
-    rng = np.random.default_rng(0)
-    scale = np.float32(hidden ** -0.5)
-    pool = [(rng.standard_normal((2 * intermediate, hidden), np.float32) * scale,
-             rng.standard_normal((hidden, intermediate), np.float32) * scale) for _ in range(pool_size)]
+    pool = expert_pool(pool_size, hidden, intermediate)
     return [time_expert_group(g, c, hidden, intermediate, repeats, pool)
             for g in groups for c in capacities]
 
