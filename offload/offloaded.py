@@ -16,6 +16,12 @@ prefetcher's background copies safe:
   prefetch is still in flight waits for it first;
 - the pool pins the keys of the launch in progress, so no prefetch overwrites a slot being read.
 
+Why a thread and `threading.Event`s rather than MindSpore's streams: in MindSpore 2.10 on the CPU
+backend, `mindspore.runtime.Stream()` hands back the one CPU stream (logging "CPU device is not
+supported"), `Event()` is not supported, and `Tensor.pin_memory()` fails without the Ascend plugin.
+A numpy copy releases the GIL, so the thread copies while a graph runs. On Ascend, the same
+ordering would be a copy stream plus an event per slot, from pinned host blocks.
+
 Belady's policy needs the future request sequence: `record_requests=True` keeps the keys each
 launch requested (what the pool saw), to replay in a second run.
 """
