@@ -31,13 +31,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from convert.manifest import MANIFEST_NAME
 from convert.spec import CheckpointError, ModelSpec
 from offload.tiers import TierSet
 from runtime import settings
 from runtime.plan import ALL, AUTO, DeviceProfile, MemoryPlan, Placement, plan_memory, size
 from runtime.prompting import PromptSource, TextStream, apply_chat_template, prompt_source, shown
 from runtime.settings import ConfigError
-
 CONF = Path(__file__).resolve().parent / "conf"
 DEMO_NOTE = ("The demo model's weights are random, so its text is gibberish: it shows the pipeline "
              "(HF checkpoint, compiled graphs, routed experts, streaming), not a language model.")
@@ -59,36 +59,30 @@ def uses_offload(plan: MemoryPlan, placement: Placement) -> bool:
             or placement.host_compute != "never")
 
 
-def build_engine(model_dir: Path, plan: MemoryPlan, placement: Placement, tiers, buckets, max_context: int,
-                 device: DeviceProfile):
-    """The engine for a run, from `runtime.build`. Every expert resident (budget `all`, or `auto` when
-    they all fit, and nothing else asked): `engine_from_checkpoint`. Otherwise `engine_with_offload`,
-    with the slot pool the memory plan sized (the budget in GiB, or what `auto` found room for), the
-    eviction policy, prefetch, and host compute as the CPU/NPU split. Artifact directories
-    (`engine_from_artifact`, `python -m convert`) plug in here next; `inactive_options` says so."""
+def build_engine(model_dir: Path | None, artifact: Path | None, spec: ModelSpec, plan: MemoryPlan,
+                 placement: Placement, tiers, buckets, max_context: int, device: DeviceProfile):
+    """The engine for a run, from `runtime.build`, and which builder made it:
+    - `offload`: any expert budget, prefetch or host compute, or `auto` without room for every expert:
+      `engine_with_offload` over the HF checkpoint, with the slot pool the memory plan sized, the
+      eviction policy, prefetch, and host compute as the CPU/NPU split;
+    - `artifact`: a `python -m convert` output, every expert mapped: `engine_from_artifact`;
+    - `checkpoint`: the HF checkpoint, every expert resident, Cells compiled here: `engine_from_checkpoint`."""
     from runtime import build  # MindSpore loads here: plans and config errors stay fast
 
-    if not uses_offload(plan, placement):
-        return build.engine_from_checkpoint(model_dir, tiers, buckets, max_context)
-    from offload.budget import BudgetError
-    from offload.placement import from_host_compute
+    if uses_offload(plan, placement):
+        from offload.budget import BudgetError
+        from offload.placement import from_host_compute
 
-    try:
-        return build.engine_with_offload(
-            model_dir, budget_bytes=plan.slots * plan.expert_bytes, policy=placement.policy,
-            prefetch=placement.prefetch, placement=from_host_compute(placement.host_compute), tiers=tiers,
-            buckets=buckets, max_context=max_context, device_memory_bytes=device.memory_bytes)
-    except BudgetError as err:
-        raise CannotRun(f"expert budget: {err}") from None
-
-
-def inactive_options(model: DictConfig) -> list[str]:
-    """Settings that validate but do not act yet, said plainly at the start of a run."""
-    notes = []
-    if model.get("artifact"):
-        notes.append(f"model.artifact={model.artifact}: artifact directories do not run from run.py yet "
-                     "(python -m convert, issue 3); reading the HF checkpoint at model.path")
-    return notes
+        try:
+            return build.engine_with_offload(
+                model_dir, budget_bytes=plan.slots * plan.expert_bytes, policy=placement.policy,
+                prefetch=placement.prefetch, placement=from_host_compute(placement.host_compute), tiers=tiers,
+                buckets=buckets, max_context=max_context, device_memory_bytes=device.memory_bytes), "offload"
+        except BudgetError as err:
+            raise CannotRun(f"expert budget: {err}") from None
+    if artifact is not None:
+        return build.engine_from_artifact(artifact, expect=spec), "artifact"
+    return build.engine_from_checkpoint(model_dir, tiers, buckets, max_context), "checkpoint"
 
 
 def counters(engine, offloaded: bool) -> dict:
@@ -131,37 +125,62 @@ def has_weights(path: Path) -> bool:
 
 
 def missing_weights(model: DictConfig, path: Path) -> CannotRun:
-    if (path / "manifest.json").is_file():
-        return CannotRun(f"{path} is a converted artifact; artifacts do not run yet (issue 3): "
-                         "point model.path at the HF checkpoint directory")
     repo = model.get("hf_repo")
     if repo is None:
         return CannotRun(f"no HF checkpoint at model.path={path}: it needs config.json and model.safetensors "
-                         "(or shards and model.safetensors.index.json)")
+                         f"(or shards and model.safetensors.index.json), or an artifact's {MANIFEST_NAME}")
     return CannotRun("\n".join([
         f"the weights of {model.name} are not at {path} (model.path).",
         f"  1. Download the Hugging Face repository {repo} (about 67 GB, BF16) into that directory, e.g.",
         f"       hf download {repo} --local-dir {path}",
         f"     (huggingface_hub's CLI, on a machine with network), or pass model.path=DIR for a copy elsewhere.",
-        f"  2. Convert it once:  python -m convert --model-dir {path} --out {path}-ferry",
-        f"     (python -m convert is not built yet (issue 3); until it is, run.py reads the HF directory directly",
-        f"     and this step is skipped.)",
-        f"  3. Run:  python run.py +model={model.name} model.path={path}",
+        f"  2. Run it:  python run.py +model={model.name} model.path={path}",
+        f"     (on the CPU, with placement.expert_budget_gb=N when every expert does not fit: see mode=plan)",
+        f"  3. Or convert it once to exported graphs and an expert store, and run that:",
+        f"       python -m convert --model-dir {path} --out {path}-ferry --dtype fp16",
+        f"       python run.py +model={model.name} model.path={path} model.artifact={path}-ferry",
     ]))
 
 
-def model_dir_and_spec(model: DictConfig, mode: str) -> tuple[Path | None, ModelSpec]:
-    """The checkpoint directory (None when planning without one) and its spec."""
+def user_artifact(model: DictConfig) -> Path | None:
+    """A `python -m convert` output given as model.artifact, or as model.path (+model=local)."""
+    if model.get("artifact"):
+        return Path(str(model.artifact)).expanduser()
+    if model.kind == "hf" and (hf_path(model) / MANIFEST_NAME).is_file():
+        return hf_path(model)
+    return None
+
+
+def artifact_manifest(path: Path):
+    from convert.manifest import Manifest
+
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise CannotRun(f"model.artifact={path}: no {MANIFEST_NAME}, so not an artifact; "
+                        f"make one with python -m convert --model-dir HF_DIR --out {path}")
+    return Manifest.from_json(manifest_path.read_text(), str(manifest_path))
+
+
+def model_source(model: DictConfig, mode: str) -> tuple[Path | None, Path | None, ModelSpec]:
+    """(HF checkpoint directory, artifact directory, spec); either directory may be None (a plan
+    needs neither when the model config gives the architecture)."""
     if model.kind == "demo":
         from runtime.demo import demo_spec
 
-        return None, demo_spec(settings.plain(model.config))
+        return None, None, demo_spec(settings.plain(model.config))
+    artifact = user_artifact(model)
     path = hf_path(model)
-    if mode == "run" and not has_weights(path):
+    hf_dir = path if has_weights(path) else None
+    if artifact is not None:
+        spec = artifact_manifest(artifact).model
+        if model.get("config") is not None:
+            settings.same_model(settings.model_spec(model, None), spec, f"{artifact}/{MANIFEST_NAME}", model.name)
+        return hf_dir, artifact, spec
+    if mode == "run" and hf_dir is None:
         raise missing_weights(model, path)
     if model.get("config") is None and not (path / "config.json").is_file():
         raise missing_weights(model, path)
-    return path, settings.model_spec(model, path)
+    return hf_dir, None, settings.model_spec(model, path)
 
 
 # ---- prompt -----------------------------------------------------------------------------------------
@@ -226,7 +245,8 @@ class Run:
 
     model: DictConfig
     spec: ModelSpec
-    model_dir: Path | None
+    model_dir: Path | None  # the HF checkpoint
+    artifact: Path | None  # a python -m convert output: exported graphs, dense file, expert store
     device: DeviceProfile
     placement: Placement
     tiers: TierSet
@@ -243,11 +263,15 @@ def validated(cfg: DictConfig) -> Run:
     buckets = settings.prefill_buckets(cfg.prefill_buckets)
     context = cfg.max_context if cfg.max_context is not None else model.max_context
     max_context = settings.positive_int(context, "max_context")
-    model_dir, spec = model_dir_and_spec(model, cfg.mode)
+    model_dir, artifact, spec = model_source(model, cfg.mode)
     if not cfg.get("tiers"):
         raise ConfigError("tiers is empty: choose tiers=default|fine|coarse or write conf/tiers/NAME.yaml")
     tiers = settings.tier_set(cfg.tiers, spec)
-    return Run(model, spec, model_dir, device, placement, tiers, buckets, max_context)
+    if artifact is not None:  # its graphs were exported for its own tiers, buckets and context
+        manifest = artifact_manifest(artifact)
+        tiers = settings.tier_set([{"capacity": t.capacity, "group": t.group} for t in manifest.tiers], spec)
+        buckets, max_context = tuple(manifest.buckets), manifest.max_context
+    return Run(model, spec, model_dir, artifact, device, placement, tiers, buckets, max_context)
 
 
 def plan_mode(r: Run) -> int:
@@ -270,24 +294,32 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
     if r.placement.policy == "belady":
         raise ConfigError("placement.policy=belady needs the requests of the future: it is the offline yardstick "
                           "of bench/offload.py on recorded traces; choose lru, lfu or decay for a run")
-    notes = inactive_options(r.model)
     plan = plan_memory(r.spec, r.device, r.placement, r.max_context, r.buckets[-1], r.tiers, r.model.name)
     if not plan.fits:
         print(plan.format())
         raise CannotRun(f"this run does not fit {r.device.name}: {plan.problems[0]}")
     offloaded = uses_offload(plan, r.placement)
 
-    model_dir = r.model_dir
+    model_dir, artifact = r.model_dir, r.artifact
+    if offloaded and r.model.kind != "demo" and model_dir is None:
+        raise ConfigError("an expert budget, prefetch or host compute stream experts from the HF checkpoint "
+                          "(engine_with_offload), and this run has only an artifact: give model.path=HF_DIR, "
+                          "or placement=resident to run the artifact with every expert mapped")
     if r.model.kind == "demo":
         from runtime.demo import ensure_demo
 
         say(DEMO_NOTE)
         demo = ensure_demo(settings.plain(r.model.config), int(r.model.seed), r.model.cache_dir)
         model_dir = demo.path
-        say(f"model     demo, " + (f"built now in {demo.seconds:.1f} s: " if demo.built_now else "cached: ")
+        say("model     demo, " + (f"built now in {demo.seconds:.1f} s: " if demo.built_now else "cached: ")
             + str(model_dir))
     else:
-        say(f"model     {r.model.name}: {model_dir}")
+        say(f"model     {r.model.name}: {model_dir or artifact}")
+        if offloaded and artifact is not None:
+            say(f"note      experts stream from the HF checkpoint, so the artifact {artifact} is not used")
+            artifact = None
+        elif artifact is not None:
+            say(f"artifact  {artifact}: its tiers, prefill buckets and max_context ({r.max_context}) apply")
     kinds = r.spec.layer_types
     say(f"          {r.spec.num_layers} layers ({kinds.count('linear_attention')} DeltaNet + "
         f"{kinds.count('full_attention')} attention), {r.spec.num_experts} experts top-{r.spec.num_experts_per_tok}, "
@@ -297,13 +329,11 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
             f"policy {r.placement.policy}, prefetch {'on' if r.placement.prefetch else 'off'}, "
             f"host compute {r.placement.host_compute}")
     say(f"plan      {size(plan.total)} of {size(r.device.memory_bytes)} on {r.device.name}, {pool}: fits")
-    for note in notes:
-        say(f"not active yet: {note}")
 
     from runtime.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
-    ids = prompt_ids(source, tokenizer, model_dir, cfg, r.spec)
+    tokenizer = load_tokenizer(model_dir) if model_dir and (model_dir / "tokenizer.json").is_file() else None
+    ids = prompt_ids(source, tokenizer, model_dir or artifact, cfg, r.spec)
     if len(ids) > r.max_context:
         raise ConfigError(f"the prompt is {len(ids)} tokens, longer than max_context={r.max_context}; "
                           "shorten it or raise max_context (the memory plan grows with it)")
@@ -324,8 +354,16 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
     from runtime.generate import generate
 
     configure(r.device.backend, cfg.device.get("threads"))
+    if r.model.kind == "demo" and r.model.get("convert") and not offloaded:
+        from runtime.demo import ensure_artifact
+
+        converted = ensure_artifact(model_dir, r.model.cache_dir, r.tiers, r.buckets, r.max_context)
+        artifact = converted.path
+        say("artifact  " + (f"converted now in {converted.seconds:.1f} s (python -m convert's pipeline): "
+                            if converted.built_now else "cached: ") + str(artifact))
     t0 = time.perf_counter()
-    engine = build_engine(model_dir, plan, r.placement, r.tiers, buckets, r.max_context, r.device)
+    engine, route = build_engine(model_dir, artifact, r.spec, plan, r.placement, r.tiers, buckets, r.max_context,
+                                 r.device)
     build_s = time.perf_counter() - t0
     warmup_s = 0.0
     if cfg.warmup:
@@ -358,15 +396,16 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
     }
     table = engine.dispatcher.stats.table() if offloaded else None
     return {
-        "model": {"name": r.model.name, "path": str(model_dir), "demo": r.model.kind == "demo",
+        "model": {"name": r.model.name, "path": str(model_dir) if model_dir else None,
+                  "artifact": str(artifact) if artifact else None, "demo": r.model.kind == "demo",
                   "spec": r.spec.to_dict()},
+        "engine": route,
         "settings": {
             "device": r.device.name, "placement": asdict(r.placement),
             "tiers": [{"capacity": t.capacity, "group": t.group} for t in r.tiers],
             "prefill_buckets": list(r.buckets), "max_context": r.max_context, "max_new_tokens": max_new,
             "sampling": asdict(sampling), "chat": bool(cfg.chat), "warmup": bool(cfg.warmup),
         },
-        "inactive": notes,
         "prompt_origin": source.origin, "prompt_ids": ids, "generated_ids": result.token_ids, "text": out_text,
         "stopped_on_eos": result.stopped_on_eos, "timings": timings, "counters": counters(engine, offloaded),
         "plan": plan.to_dict(),

@@ -122,6 +122,16 @@ def positive_int(value, key: str) -> int:
     return value
 
 
+def same_model(expected: ModelSpec, found: ModelSpec, where: str, name: str) -> None:
+    """`found` (a checkpoint's or artifact's spec) must be the architecture conf/model/NAME.yaml gives."""
+    differ = [field for field in expected.to_dict() if field != "eos_token_ids"
+              and getattr(expected, field) != getattr(found, field)]
+    if differ:
+        shown = ", ".join(f"{f}: {getattr(expected, f)} vs {getattr(found, f)}" for f in differ[:4])
+        raise ConfigError(f"{where} is not model '{name}' (conf vs found: {shown}); "
+                          "point model.path (or model.artifact) at the right directory, or use +model=local")
+
+
 def model_spec(model: Mapping, path: Path | None) -> ModelSpec:
     """The spec from `model.config` and/or the checkpoint at `path`; both must agree when both exist."""
     from_conf = None
@@ -136,11 +146,5 @@ def model_spec(model: Mapping, path: Path | None) -> ModelSpec:
         return from_conf
     found = load_spec(path)
     if from_conf is not None:
-        differ = [name for name in from_conf.to_dict() if name != "eos_token_ids"
-                  and getattr(from_conf, name) != getattr(found, name)]
-        if differ:
-            shown = ", ".join(f"{n}: {getattr(from_conf, n)} vs {getattr(found, n)}" for n in differ[:4])
-            raise ConfigError(f"{path}/config.json is not model '{model.get('name')}' (conf vs checkpoint: {shown}); "
-                              "point model.path at the right directory or use +model=local")
+        same_model(from_conf, found, f"{path}/config.json", str(model.get("name")))
     return found
-

@@ -43,7 +43,6 @@ def load_jobs(sweep_dir: Path) -> list[dict]:
             "hit_pct": None if offload is None else 100 * offload["hit_rate"],
             "stall_pct": None if offload is None else 100 * offload["stall_fraction"],
             "mib_streamed_per_token": None if offload is None else offload["bytes_per_token"] / 2**20,
-            "inactive": len(record.get("inactive", [])),
         })
     return rows
 
@@ -178,11 +177,8 @@ def summarise(sweep_dir: Path, out_dir: Path | None = None) -> str:
     plot = svg_plot(rows, keys)
     if plot is not None:
         (out_dir / "summary.svg").write_text(plot)
-    inactive = sum(r["inactive"] for r in rows)
     notes = [f"wrote {out_dir / 'summary.csv'}, {out_dir / 'summary.md'}"
              + (f", {out_dir / 'summary.svg'}" if plot else " (no plot: nothing varies between jobs)")]
-    if inactive:
-        notes.append(f"{inactive} setting(s) in these jobs were not active yet (see 'inactive' in each metrics.json)")
     return "\n".join([text] + notes)
 
 

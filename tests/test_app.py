@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from convert.checkpoint import Checkpoint
 from runtime import settings
-from runtime.demo import CHAT_TEMPLATE, demo_spec, ensure_demo
+from runtime.demo import CHAT_TEMPLATE, demo_spec, ensure_artifact, ensure_demo
 from runtime.plan import GIB, DeviceProfile, Placement, dense_params, plan_memory
 from runtime.prompting import PromptSource, TextStream, apply_chat_template, prompt_source, shown
 from runtime.tokenizer import load_tokenizer
@@ -62,7 +62,7 @@ def test_demo_is_deterministic_cached_and_a_valid_hf_checkpoint(demo, tmp_path):
     for name in files:
         assert (path / name).read_bytes() == (again.path / name).read_bytes(), name
     assert not ensure_demo(settings.plain(DEMO.config), DEMO.seed, cache).built_now
-    assert [p.name for p in cache.iterdir()] == [path.name]  # no temporary directories left
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary directories left
 
     spec = Checkpoint(path).spec  # every tensor present, mapped and of the right shape
     assert spec.layer_types == ("linear_attention",) * 3 + ("full_attention",)
@@ -135,7 +135,7 @@ def test_prompt_ids_run_writes_a_faithful_record(demo, tmp_path):
     dispatch = record["counters"]["dispatch"]
     routed = (len(PROMPT_IDS) + len(generated) - 1) * spec["num_experts_per_tok"] * spec["num_layers"]
     assert dispatch["expert_tokens"] == sum(t["tokens"] for t in dispatch["tiers"]) == routed  # warm-up not counted
-    assert record["choices"]["tiers"] == "default" and record["inactive"] == []
+    assert record["choices"]["tiers"] == "default" and record["engine"] == "artifact"  # the demo, converted
     assert record["plan"]["fits"] and record["plan"]["slots"] == record["plan"]["total_experts"] == 128
 
     assert record["settings"]["sampling"] == {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "seed": 3}
@@ -176,11 +176,30 @@ def test_local_hf_directory_with_the_chat_template(demo, tmp_path):
     chat = "<|im_start|>user\nWhere does the ferry go?<|im_end|>\n<|im_start|>assistant\n"
     assert record["prompt_ids"] == load_tokenizer(path).encode(chat, add_special_tokens=False).ids
     assert record["model"] == {**record["model"], "name": "local", "demo": False, "path": str(path)}
-    assert record["prompt_origin"] == "prompt_file"
+    assert record["prompt_origin"] == "prompt_file" and record["engine"] == "offload"
     layers = record["counters"]["offload"]["layers"]  # layer 0's experts ran on the host, the others in slots
     assert layers[0]["host_experts"] > 0 and layers[0]["misses"] == 0
     assert all(layer["host_experts"] == 0 and layer["misses"] > 0 for layer in layers[1:])
     assert "gibberish" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_artifact_directory_runs_and_refuses_streaming_without_the_checkpoint(demo, tmp_path):
+    cache, path = demo
+    tiers = settings.tier_set(settings.plain(OmegaConf.load(CONF / "tiers" / "default.yaml").tiers),
+                              demo_spec(settings.plain(DEMO.config)))
+    artifact = ensure_artifact(path, cache, tiers, (16, 64), DEMO.max_context).path
+    ids = f"prompt_ids=[{','.join(map(str, PROMPT_IDS))}]"
+    proc = ferry(["+model=local", f"model.path={artifact}", ids, "max_new_tokens=3", "tiers=coarse",
+                  "output_json=art.json"], tmp_path, cache)
+    assert_clean(proc)
+    record = json.loads((tmp_path / "art.json").read_text())
+    assert record["engine"] == "artifact" and record["model"]["artifact"] == str(artifact)
+    assert len(record["settings"]["tiers"]) == 3  # the artifact's own tiers, not tiers=coarse
+    assert record["text"] is None and len(record["generated_ids"]) == 3  # no tokenizer in an artifact
+    refused = ferry(["+model=local", f"model.path={artifact}", ids, "placement.expert_budget_gb=0.02"], tmp_path, cache)
+    assert_clean(refused, 2)
+    assert "this run has only an artifact: give model.path=HF_DIR" in refused.stderr
 
 
 @pytest.mark.slow
@@ -199,7 +218,7 @@ def test_multirun_sweep_and_its_summary(demo, tmp_path):
         assert record["choices"]["tiers"] == tiers
         assert len(record["counters"]["dispatch"]["tiers"]) == (3 if tiers == "default" else 2)
         assert record["settings"]["placement"]["expert_budget_gb"] == (0.02, 0.05)[job % 2]
-        assert record["plan"]["slots"] == (54, 128)[job % 2] and record["inactive"] == []
+        assert record["plan"]["slots"] == (54, 128)[job % 2] and record["engine"] == "offload"
         offload = record["counters"]["offload"]
         assert offload["total"]["prefetch_issued"] > 0 and offload["total"]["misses"] > 0
         assert record["generated_ids"] == records[0]["generated_ids"]  # neither tiers nor budgets change tokens
@@ -342,7 +361,8 @@ def test_missing_or_wrong_weights_say_what_to_do(demo, tmp_path):
     proc = ferry(["+model=qwen36_35b", f"model.path={missing}"], tmp_path, cache)
     assert_clean(proc, 1)
     for text in ("Qwen/Qwen3.6-35B-A3B", f"hf download Qwen/Qwen3.6-35B-A3B --local-dir {missing}",
-                 f"python -m convert --model-dir {missing}", f"python run.py +model=qwen36_35b model.path={missing}"):
+                 f"python -m convert --model-dir {missing} --out {missing}-ferry --dtype fp16",
+                 f"python run.py +model=qwen36_35b model.path={missing}"):
         assert text in proc.stderr
     wrong = ferry(["+model=qwen36_35b", f"model.path={path}", "mode=plan"], tmp_path, cache)
     assert_clean(wrong, 2)
@@ -356,7 +376,7 @@ def test_summary_reads_streamed_bytes_and_plots_against_the_budget(tmp_path):
 
     for job, (budget, streamed) in enumerate([(2, 9 * 2**20), (4, 5 * 2**20), (8, 2**20)]):
         record = {"overrides": [f"placement.expert_budget_gb={budget}", "tiers=default"],
-                  "prompt_ids": [1, 2, 3], "inactive": [],
+                  "prompt_ids": [1, 2, 3],
                   "timings": {"decode_tokens_per_s": 10.0 * budget, "ttft_s": 0.1, "generated_tokens": 7},
                   "counters": {"dispatch": {"tiers": [{"launches": 4, "tokens": 30, "padding": 10}]},
                                "offload": {"bytes_per_token": streamed, "hit_rate": 0.5, "stall_fraction": 0.25}}}
