@@ -30,6 +30,7 @@ from convert.store import StoreWriter
 DENSE_FILE = "dense.safetensors"
 EXPERT_FILE = "experts.bin"
 TMP_MARK = ".tmp-"
+RELEASE_EVERY = 16  # experts between drops of the checkpoint's mapped pages (~100 MB at real width)
 
 
 class ArtifactExistsError(ArtifactError):
@@ -221,6 +222,8 @@ def _write_weights(checkpoint: Checkpoint, options: ConvertOptions, tmp: Path, p
                 gate_up, down = checkpoint.expert_weights(layer, expert)
                 stats.expert_bytes += store.write(layer, expert, gate_up, down)
                 bar.update(gate_up.size + down.size, f"layer {layer + 1}/{spec.num_layers}")
+                if expert % RELEASE_EVERY == RELEASE_EVERY - 1:
+                    release(checkpoint)
             release(checkpoint)
             if on_layer is not None:
                 on_layer(layer)

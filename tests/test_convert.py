@@ -209,6 +209,26 @@ def test_storage_report_counts_out_of_range_values():
     np.testing.assert_array_equal(restored_dn[2], 0.0)
 
 
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16-values", "fp32-values"])
+def test_fp16_report_is_exact(bf16):
+    """The report's counts and squared error equal a brute-force FP16 round trip, on both paths
+    (BF16-valued input takes a shortcut)."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((64, 32)) * np.exp(rng.uniform(-20, 12, (64, 32)))).astype(np.float32)
+    if bf16:
+        w = (w.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    w[0, :4] = 0.0
+    totals = _ReportTotals("fp16")
+    (stored, _), error_sq, _ = encode_expert("fp16", w, np.zeros((4, 4), np.float32), totals)
+    clipped = np.clip(w, -65504, 65504)
+    back = clipped.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(stored.astype(np.float32), back)
+    assert totals.overflow == np.count_nonzero(np.abs(w) > 65504) > 0
+    assert totals.nonzero_to_zero == np.count_nonzero((back == 0) & (w != 0)) > 0
+    assert totals.subnormal == np.count_nonzero((back != 0) & (np.abs(back) < 2.0 ** -14)) > 0
+    assert error_sq == pytest.approx(float(((back.astype(np.float64) - w) ** 2).sum()), rel=1e-5)
+
+
 def test_fp16_report_in_manifest(narrow):
     report = narrow["bf16->fp16"][1].experts.report
     assert report.dtype == "fp16" and report.values > 0 and report.overflow == 0
