@@ -193,7 +193,8 @@ class MappedExpertStore:
         self.num_layers, self.num_experts = header["num_layers"], header["num_experts"]
         self.stride = header["stride"]
         if self.stride < self.layout.nbytes or self.stride % PAGE:
-            raise ValueError(f"{header_path}: stride {self.stride} cannot hold page-aligned blocks of {self.layout.nbytes} bytes")
+            raise ValueError(f"{header_path}: stride {self.stride} cannot hold page-aligned blocks of "
+                             f"{self.layout.nbytes} bytes")
         expected = self.num_layers * self.num_experts * self.stride
         size = self.path.stat().st_size
         if size != expected:

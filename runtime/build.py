@@ -77,9 +77,10 @@ def engine_with_offload(model_dir: str | Path, *, budget_bytes: int | None = Non
     if prefetch:
         predictor = RouterPredictor([dense.routers[layer] for layer in range(spec.num_layers)],
                                     spec.num_experts_per_tok)
+        fixed = where.host_layers or where.host_experts  # experts never streamed: not worth guessing
         dispatcher.prefetcher = Prefetcher(predictor, experts.prefetch, spec.num_layers,
                                            prefetch_limit or spec.num_experts_per_tok,
-                                           skip=where.fixed_on_host if where.host_layers or where.host_experts else None)
+                                           skip=where.fixed_on_host if fixed else None)
     return engine
 
 

@@ -280,7 +280,8 @@ def test_placement_config_errors():
     assert from_host_compute("never") == {} and from_host_compute("auto") == {"mode": "auto"}
     assert from_host_compute([0, 2]) == {"host_layers": [0, 2]}
     placement = placement_from_config({"host_layers": [1], "host_experts": [[2, 3]]}, 4, 8)
-    assert placement.on_host(1, 0, 1, True) and placement.on_host(2, 3, 5, True) and not placement.on_host(2, 4, 1, False)
+    assert placement.on_host(1, 0, 1, True) and placement.on_host(2, 3, 5, True)
+    assert not placement.on_host(2, 4, 1, False)
 
 
 def test_router_predictor_reproduces_the_router(model_dir):

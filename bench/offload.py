@@ -1,0 +1,215 @@
+"""Offload bench: eviction policies against Belady's optimum, and stall with and without prefetch.
+
+    python bench/offload.py                  # real layer widths, 2 layers (a few minutes, ~10 GB disk)
+    python bench/offload.py --preset small   # a small model (seconds), for a quick look
+
+How the routing trace is produced: a random checkpoint (`convert.synthetic`, FP32, seed 0) with
+Qwen3.6-35B-A3B's layer widths (hidden 2048, 256 experts of intermediate 512, top-8, one DeltaNet
+and one full-attention layer, small vocabulary) runs through `engine_with_offload`: a 32-token
+random prompt, then `--decode` tokens sampled at temperature 1 (seed 0). Every decode step's
+router top-k per layer is recorded, with the prefetcher's guess for the next layer (the next
+router applied to this layer's MoE input). Random weights route less predictably than a trained
+model on real text, so absolute hit rates here are a pessimistic stand-in; the ratios between
+policies are what the trace is for.
+
+Part 1 replays the decode trace through the slot pool (no copies, no model) for each policy and
+budget: bytes streamed per decoded token, as a ratio to Belady's (offline optimal) at that budget,
+without and with prefetch. Part 2 runs the real engine on this CPU for each policy at two budgets:
+wall time per decoded token and the fraction of it spent stalled (launches waiting for copies).
+On MindSpore's CPU backend the "device" slots are host RAM: a copy and the expert matmuls both
+stream DRAM, so overlap gains little here; on a 310P3 the copy is PCIe DMA, beside the compute.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from convert.checkpoint import Checkpoint  # noqa: E402
+from convert.spec import ModelSpec  # noqa: E402
+from convert.synthetic import write_random_checkpoint  # noqa: E402
+from offload.host_store import BlockLayout  # noqa: E402
+from offload.policies import make_policy  # noqa: E402
+from offload.prefetch import RouterPredictor  # noqa: E402
+from offload.slots import SlotPool  # noqa: E402
+from runtime.backend import configure  # noqa: E402
+from runtime.build import engine_with_offload  # noqa: E402
+from runtime.engine import Buckets  # noqa: E402
+from runtime.sampling import Sampler, Sampling  # noqa: E402
+
+POLICIES = ("lru", "lfu", "decay", "belady")
+PROMPT = 32
+
+
+def spec_for(preset: str, layers: int) -> ModelSpec:
+    kinds = tuple("full_attention" if (i + 1) % 2 == 0 else "linear_attention" for i in range(layers))
+    common = dict(vocab_size=2048, num_layers=layers, layer_types=kinds, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  rope_theta=1e7, linear_conv_kernel_dim=4, eos_token_ids=())
+    if preset == "real":  # Qwen3.6-35B-A3B's widths
+        return ModelSpec(hidden_size=2048, num_attention_heads=16, num_key_value_heads=2, head_dim=256, rotary_dim=64,
+                         linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+                         linear_value_head_dim=128, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+                         shared_expert_intermediate_size=512, **common)
+    return ModelSpec(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, rotary_dim=16,
+                     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+                     num_experts=64, num_experts_per_tok=8, moe_intermediate_size=128,
+                     shared_expert_intermediate_size=128, **common)
+
+
+@dataclass
+class Recording:
+    experts: list[list[list[int]]]  # [step][layer] -> sorted experts the decode step routed to
+    predicted: list[list[list[int]]]  # [step][layer] -> prefetch guess for that layer (empty for layer 0)
+
+
+def record(engine, predictor: RouterPredictor, decode: int, seed: int) -> Recording:
+    """Run prompt + decode, recording each decode step's routing and next-layer guesses."""
+    spec = engine.spec
+    rec = Recording([], [])
+    original = engine.dispatcher.run
+
+    def recording(layer, x, weights, experts):
+        if x.shape[0] == 1:  # a decode step
+            if layer == 0:
+                rec.experts.append([[] for _ in range(spec.num_layers)])
+                rec.predicted.append([[] for _ in range(spec.num_layers)])
+            rec.experts[-1][layer] = sorted(set(int(e) for e in experts.ravel()))
+            if layer + 1 < spec.num_layers:
+                rec.predicted[-1][layer + 1] = predictor.predict(layer + 1, x, spec.num_experts_per_tok)
+        return original(layer, x, weights, experts)
+
+    engine.dispatcher.run = recording
+    try:
+        decode_tokens(engine, decode, seed)
+    finally:
+        engine.dispatcher.run = original
+    return rec
+
+
+def decode_tokens(engine, decode: int, seed: int) -> float:
+    """Prompt, then `decode` sampled tokens; returns the decode wall time. Counters restart after the prompt."""
+    rng = np.random.default_rng(seed)
+    sampler = Sampler(Sampling(temperature=1.0, seed=seed))
+    engine.reset()
+    logits = engine.forward(rng.integers(2, engine.spec.vocab_size, PROMPT))
+    engine.dispatcher.stats.reset()
+    start = time.perf_counter()
+    for _ in range(decode):
+        logits = engine.forward([sampler(logits)])
+    return time.perf_counter() - start
+
+
+def replay(rec: Recording, policy: str, slots: int, prefetch: bool) -> tuple[int, int]:
+    """(blocks copied, demand misses) replaying the decode trace through a pool of `slots`."""
+    requests = [(layer, e) for step in rec.experts for layer, experts in enumerate(step) for e in experts]
+    kwargs = {"trace": requests} if policy == "belady" else {}
+    pool = SlotPool(slots, make_policy(policy, **kwargs), load=lambda key, slot: None)
+    for step, guesses in zip(rec.experts, rec.predicted):
+        for layer, experts in enumerate(step):
+            pool.acquire([(layer, e) for e in experts])
+            if prefetch and layer + 1 < len(step):
+                for e in guesses[layer + 1]:
+                    pool.prefetch((layer + 1, e))
+    return pool.counters.loads, pool.counters.misses
+
+
+def part_one(rec: Recording, spec: ModelSpec, budgets: list[int], block: int) -> None:
+    tokens = len(rec.experts)
+    total = spec.num_layers * spec.num_experts
+    print(f"\n== Part 1: trace replay, {tokens} decode tokens x {spec.num_layers} layers, {total} expert blocks "
+          f"of {block / 2**20:.2f} MiB ==")
+    print("MB streamed per decoded token (ratio to Belady at the same budget and prefetch setting; prefetch adds")
+    print("the copies of wrong guesses, so its rows stream more bytes and stall less: see part 2)")
+    head = f"{'slots':>6} {'GiB':>6} {'prefetch':>8} " + " ".join(f"{p:>15}" for p in POLICIES)
+    print(head)
+    for slots in budgets:
+        for prefetch in (False, True):
+            loads = {p: replay(rec, p, slots, prefetch)[0] for p in POLICIES}
+            base = loads["belady"] or 1
+            cells = " ".join(f"{loads[p] * block / tokens / 1e6:8.1f} ({loads[p] / base:4.2f})" for p in POLICIES)
+            print(f"{slots:>6} {slots * block / 2**30:>6.2f} {'on' if prefetch else 'off':>8} {cells}")
+    hits = sum(len(set(g) & set(e)) for s, p in zip(rec.experts, rec.predicted) for e, g in zip(s[1:], p[1:]))
+    guesses = sum(len(g) for p in rec.predicted for g in p[1:])
+    print(f"prefetch guesses (next router on this layer's input, top-{spec.num_experts_per_tok}): "
+          f"{100 * hits / max(guesses, 1):.0f}% of guessed experts were routed to")
+
+
+def part_two(model_dir: Path, store: Path, spec: ModelSpec, budgets: list[int], decode: int,
+             buckets: Buckets) -> None:
+    print(f"\n== Part 2: real runs on this CPU, {decode} decode tokens after a 4-token warm-up ==")
+    print("stalled = time launches waited for expert copies / wall time of the decode steps")
+    print(f"{'slots':>6} {'GiB':>6} {'policy':>7} {'prefetch':>8} {'ms/token':>9} {'stalled':>8} {'hit%':>5} "
+          f"{'MB/token':>9} {'pf hit':>7} {'pf waste':>8}")
+    block = BlockLayout.for_spec(spec).nbytes
+    requests = None  # the pool's request sequence, the same for every budget and policy: Belady's future
+    for slots in budgets:
+        for policy in POLICIES:
+            for prefetch in (False, True):
+                kwargs = {"policy_kwargs": {"trace": requests}} if policy == "belady" else {}
+                engine = engine_with_offload(model_dir, budget_bytes=slots * block, policy=policy, prefetch=prefetch,
+                                             store="mmap", store_path=store, buckets=buckets, max_context=512,
+                                             record_requests=requests is None, **kwargs)
+                try:
+                    decode_tokens(engine, 4, seed=1)  # warm-up: compile, fault the slot pages in
+                    seconds = decode_tokens(engine, decode, seed=0)
+                finally:
+                    engine.close()
+                if requests is None:
+                    requests = engine.dispatcher.weights.requests
+                stats = engine.dispatcher.stats
+                total = stats.total()
+                asked = total.hits + total.misses
+                print(f"{slots:>6} {slots * block / 2**30:>6.2f} {policy:>7} {'on' if prefetch else 'off':>8} "
+                      f"{1e3 * seconds / decode:>9.1f} {100 * stats.stall_fraction:>7.1f}% "
+                      f"{100 * total.hits / max(asked, 1):>5.0f} {total.bytes_streamed / decode / 1e6:>9.1f} "
+                      f"{total.prefetch_hits:>7} {total.prefetch_wasted:>8}", flush=True)
+                del engine
+                gc.collect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=("real", "small"), default="real")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--decode", type=int, default=160, help="decode tokens recorded for the replay")
+    parser.add_argument("--run-decode", type=int, default=24, help="decode tokens per real run (part 2)")
+    parser.add_argument("--threads", type=int, default=None, help="MindSpore CPU kernel threads (default: its own)")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/ferry-bench-offload"))
+    args = parser.parse_args()
+    configure(threads=args.threads)
+    spec = spec_for(args.preset, args.layers)
+    tag = f"{args.preset}-{args.layers}l"
+    model_dir = args.cache / f"ckpt-{tag}"
+    if not model_dir.exists():
+        start = time.perf_counter()
+        write_random_checkpoint(spec, model_dir, dtype="F32", seed=0)
+        print(f"wrote {model_dir} in {time.perf_counter() - start:.0f} s")
+    store = args.cache / f"experts-{tag}.bin"
+    block = BlockLayout.for_spec(spec).nbytes
+    total = spec.num_layers * spec.num_experts
+    k = spec.num_experts_per_tok
+    buckets = Buckets((PROMPT,))
+    checkpoint = Checkpoint(model_dir)
+    predictor = RouterPredictor([checkpoint.layer_weights(i)["router"] for i in range(spec.num_layers)], k)
+    start = time.perf_counter()
+    engine = engine_with_offload(model_dir, budget_bytes=total // 4 * block, store="mmap", store_path=store,
+                                 buckets=buckets, max_context=512)
+    rec = record(engine, predictor, args.decode, seed=0)
+    engine.close()
+    del engine
+    gc.collect()
+    print(f"recorded {len(rec.experts)} decode steps in {time.perf_counter() - start:.0f} s")
+    replay_budgets = sorted({k, 2 * k, 4 * k, total // 8, total // 4, total // 2})
+    part_one(rec, spec, [b for b in replay_budgets if b <= total], block)
+    part_two(model_dir, store, spec, sorted({2 * k, total // 4}), args.run_decode, buckets)
+
+
+if __name__ == "__main__":
+    main()
