@@ -9,10 +9,11 @@
     python -m runtime.sweep_summary multirun/DATE/TIME     # that sweep as a table and a plot
 
 A run goes: config -> validated settings -> memory plan (refused when it does not fit) -> model
-directory (the demo is built on first use) -> engine -> warm-up (compiles every graph shape) ->
+directory (the demo is built, then converted, on first use) -> prompt checks -> engine (one of
+three builders, chosen in `build_engine`) -> warm-up (compiles or loads every graph shape) ->
 generation, streamed -> timings and counters on stdout, the whole record as metrics.json in the
-Hydra output directory (and in output_json=FILE when asked). Config mistakes end the run with
-one `error:` line per problem and status 2; a model that is missing or does not fit, status 1.
+Hydra output directory (and in output_json=FILE when asked). A config mistake ends the run with
+one `error:` line and status 2; a model that is missing or does not fit, status 1.
 """
 from __future__ import annotations
 
@@ -371,8 +372,9 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
         generate(engine, ids, min(2, max_new), sampling)
         warmup_s = time.perf_counter() - t0
         reset_counters(engine)
-    say(f"engine    built in {build_s:.1f} s" + (f", graphs compiled by a warm-up run in {warmup_s:.1f} s"
-                                                 if cfg.warmup else " (no warm-up: the first token includes compiling)"))
+    say(f"engine    {route}, built in {build_s:.1f} s" + (
+        f"; graphs compiled or loaded by a warm-up run in {warmup_s:.1f} s" if cfg.warmup
+        else " (no warm-up: the first token includes compiling)"))
     say("-" * 72)
     stream = TextStream(tokenizer) if tokenizer is not None and cfg.stream and not quiet else None
 
