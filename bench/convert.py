@@ -7,7 +7,8 @@ outside the repository). Each convert runs in its own process, so its peak RSS (
 wait4, which counts mapped file pages as well as allocations) is the convert's alone; it is printed
 as a ratio to one decoder layer's weights in the checkpoint, beside the RSS of a process that only
 imports and sets up MindSpore (the floor every convert starts from). Throughput is checkpoint bytes
-read per second, for the weights stage alone and for the whole convert (graph export included).
+read per second, for the weights stage alone and for the whole convert (graph export and the final
+fsync of the artifact included: a large store is bounded by the disk's write speed).
 The checkpoint is read from the page cache when it was written or read recently; the figures say
 what converting costs, not what the disk delivers.
 
@@ -138,6 +139,7 @@ def main() -> None:
           f"{'graphs':>12} {'store':>10} {'expert out err':>15} {'weight err':>11}")
     for dtype in args.dtypes.split(","):
         out = CACHE / f"artifact-{model_dir.name}-{dtype}"
+        os.sync()  # the previous artifact's writeback must not slow this convert
         stats, peak = run_child(["--worker", "convert", str(model_dir), str(out), dtype, str(args.max_context)])
         from convert.artifact import Artifact
 

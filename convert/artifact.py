@@ -75,14 +75,31 @@ def spec_differences(found: ModelSpec, expected: ModelSpec) -> list[str]:
 
 
 class ExpertStoreReader:
-    """The expert store mapped read-only; one block's arrays as views, its checksum on request."""
+    """The expert store mapped read-only; one block's arrays as views, its checksum on request.
 
-    def __init__(self, path: Path, record: ExpertStoreRecord):
+    Also an `offload.host_store.ExpertStore` (`layout`, `num_layers`, `num_experts`, `expert_block`),
+    so the offload controller can stream from an artifact; `expert_block` checks a block's SHA-256
+    the first time it is read."""
+
+    def __init__(self, path: Path, record: ExpertStoreRecord, num_layers: int, num_experts: int):
         self.path, self.record = path, record
         self.parts = record.parts
+        self.num_layers, self.num_experts = num_layers, num_experts
         self.blocks = {(b.layer, b.expert): b for b in record.blocks}
         self._map = _map(path)
         self.verified: set[tuple[int, int]] = set()
+
+    @property
+    def layout(self):
+        from offload.host_store import BlockLayout
+
+        return BlockLayout(tuple(p.shape for p in self.parts), tuple(p.dtype for p in self.parts))
+
+    def expert_block(self, layer: int, expert: int) -> tuple[np.ndarray, ...]:
+        """The block's arrays in the order the expert-group graph takes them, checksum checked once."""
+        self.verify_once(layer, expert)
+        arrays = self.arrays(layer, expert)
+        return tuple(arrays[p.name] for p in self.parts)
 
     def _block(self, layer: int, expert: int):
         block = self.blocks.get((layer, expert))
@@ -124,7 +141,8 @@ class Artifact:
 
     def __init__(self, root: Path, manifest: Manifest):
         self.root, self.manifest, self.spec = root, manifest, manifest.model
-        self.experts = ExpertStoreReader(self.path_of(manifest.experts.path, "experts.path"), manifest.experts)
+        self.experts = ExpertStoreReader(self.path_of(manifest.experts.path, "experts.path"), manifest.experts,
+                                         self.spec.num_layers, self.spec.num_experts)
         self._dense_path = self.path_of(manifest.dense.file.path, "dense.file.path")
         self._dense = self._open_dense()
 

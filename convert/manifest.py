@@ -217,7 +217,8 @@ class Manifest:
     # -- sense checks ---------------------------------------------------------------------------
     def validate(self, source: str = MANIFEST_NAME) -> None:
         """Everything the types cannot say; the first problem found is raised, naming its field."""
-        from convert.store import block_layout  # the layout is defined beside the store writer
+        from convert.dense import dense_plan  # the layouts are defined beside their writers
+        from convert.store import block_layout
 
         def fail(message: str):
             raise ManifestError(f"{source}: {message}")
@@ -256,6 +257,9 @@ class Manifest:
                 self._require_graph(kind, tokens, None, source)
         for tier in self.tiers:
             self._require_graph("expert_group", None, tier, source)
+
+        if self.dense.tied_head != spec.tie_word_embeddings or self.dense.tensors != tuple(dense_plan(spec)):
+            fail("dense.tensors are not the dense weights of the model in 'model' (names, shapes or tied head differ)")
 
         store = self.experts
         if store.dtype not in EXPERT_DTYPES:

@@ -299,6 +299,32 @@ def test_cli_usage_errors(base, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_store_is_an_offload_expert_store(base):
+    """The artifact's store serves the offload controller's ExpertStore protocol: same blocks as the
+    checkpoint (FP32 storage), in the layout the FP32 expert-group graph takes."""
+    from convert.checkpoint import Checkpoint
+    from offload.host_store import BlockLayout, check_matches
+
+    store = Artifact.open(base[4]).experts
+    checkpoint = Checkpoint(base[0])
+    check_matches(store, checkpoint.spec)
+    assert store.layout == BlockLayout.for_spec(checkpoint.spec)
+    for layer, expert in ((0, 0), (3, 7)):
+        for ours, theirs in zip(store.expert_block(layer, expert), checkpoint.expert_weights(layer, expert)):
+            np.testing.assert_array_equal(ours, theirs)
+
+
+def test_global_tensors_are_read_in_row_chunks(base, monkeypatch):
+    from convert import source
+    from convert.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(base[0])
+    monkeypatch.setattr(source, "ROW_CHUNK_BYTES", 4 * 64 * 7)  # 7 rows of the 64-wide table
+    chunks = [c.copy() for c in source.global_rows(checkpoint, "embed")]
+    assert len(chunks) == -(-160 // 7) and max(len(c) for c in chunks) == 7
+    np.testing.assert_array_equal(np.concatenate(chunks), checkpoint.global_weights()["embed"])
+
+
 def test_manifest_json_round_trip_is_plain_data(base):
     text = (base[4] / "manifest.json").read_text()
     data = json.loads(text)
