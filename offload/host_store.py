@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import tempfile
 from dataclasses import dataclass
@@ -173,9 +174,15 @@ def write_block_file(checkpoint, path: str | Path) -> Path:
 
 
 class MappedExpertStore:
-    """Blocks memory-mapped from a file written by `write_block_file`; blocks are read-only views."""
+    """Blocks memory-mapped from a file written by `write_block_file`; blocks are read-only views.
 
-    def __init__(self, path: str | Path):
+    A mapped page costs a page fault the first time the process touches it: measured here, a
+    12 MiB block (real width, FP32) copies in ~7 ms on first touch and ~1.5-2 ms once mapped.
+    `populate=True` maps every page at start (Linux `MAP_POPULATE`: 1.3 s for 6 GiB here), for a
+    store that fits in RAM; without it, pages map on first use and the OS may drop cold ones.
+    """
+
+    def __init__(self, path: str | Path, populate: bool = False):
         self.path = Path(path)
         header_path = _header_path(self.path)
         try:
@@ -199,7 +206,10 @@ class MappedExpertStore:
         size = self.path.stat().st_size
         if size != expected:
             raise ValueError(f"{self.path}: {size} bytes, its header describes {expected}")
-        self._map = np.memmap(self.path, np.uint8, mode="r")
+        with open(self.path, "rb") as f:
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+            self._mmap = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+        self._map = np.frombuffer(self._mmap, np.uint8)
         self._offsets = np.cumsum((0,) + self.layout.array_bytes[:-1])
 
     def expert_block(self, layer: int, expert: int) -> tuple[np.ndarray, ...]:
@@ -211,8 +221,10 @@ class MappedExpertStore:
         )
 
 
-def open_store(checkpoint, kind: str = "ram", path: str | Path | None = None) -> HostExpertStore | MappedExpertStore:
-    """`ram`: read every expert into memory; `mmap`: map `path`, writing it from the checkpoint if absent."""
+def open_store(checkpoint, kind: str = "ram", path: str | Path | None = None,
+               populate: bool = False) -> HostExpertStore | MappedExpertStore:
+    """`ram`: read every expert into memory; `mmap`: map `path` (every page at start if `populate`),
+    writing it from the checkpoint first if absent."""
     if kind == "ram":
         return HostExpertStore.from_checkpoint(checkpoint)
     if kind == "mmap":
@@ -220,7 +232,7 @@ def open_store(checkpoint, kind: str = "ram", path: str | Path | None = None) ->
             raise ValueError("an 'mmap' expert store needs a path for its block file")
         if not Path(path).is_file():
             write_block_file(checkpoint, path)
-        store = MappedExpertStore(path)
+        store = MappedExpertStore(path, populate)
         check_matches(store, checkpoint.spec)
         return store
     raise ValueError(f"unknown expert store kind '{kind}'; valid kinds: ram, mmap")

@@ -9,12 +9,17 @@ expert that is not resident, the choice that measured costs say is cheaper: host
 host(n) < copy + device(n), costs measured at start (`measure_costs`). A resident expert always
 runs on the device: its copy is already paid.
 
+numpy's OpenBLAS starts one thread per core, and its idle threads spin: on this 2-core machine, next
+to MindSpore's own kernel threads, a 1-token host expert took 12 ms with the default threads and
+0.8 ms with one, and prefetch (whose guesses are a numpy product) slowed decode ~2x instead of
+~1.1x. `limit_blas_threads(1)` sets numpy's BLAS to one thread for the whole process.
+
 Host results differ from the graph's in the last bits (numpy's and MindSpore's matmuls sum in
 different orders), so runs with host compute match the all-device run to ~1e-6, not bit for bit.
 """
 from __future__ import annotations
 
-import statistics
+import ctypes
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
@@ -27,6 +32,27 @@ from offload.policies import Key
 from offload.tiers import TierSet, split_load
 
 MODES = ("device", "auto")
+# set-threads entry points of the OpenBLAS builds numpy ships or links (numpy >= 2 wheels: the first)
+_BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                 "openblas_set_num_threads64_", "openblas_set_num_threads")
+
+
+def limit_blas_threads(threads: int) -> bool:
+    """Set the thread count of the OpenBLAS loaded in this process; False if none was found."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
+    except OSError:
+        return False
+    done = False
+    for path in paths:
+        library = ctypes.CDLL(path)  # already loaded: the same handle, nothing new is mapped
+        for name in _BLAS_SETTERS:
+            if hasattr(library, name):
+                getattr(library, name)(ctypes.c_int(threads))
+                done = True
+                break
+    return done
 
 
 def host_expert(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
@@ -68,39 +94,48 @@ class CostModel:
                 + ", ".join(f"{t.capacity}x{t.group} {1e6 * s:.0f} us" for t, s in zip(self.tiers, self.launch_s)))
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: compile, fault pages in
+def _fastest(fn: Callable[[int], object], repeats: int) -> float:
+    """Least wall time of `fn(r)` over repeats r = 0..repeats-1, after one warm-up call.
+
+    The least, not the mean: on a shared machine interference only ever adds time."""
+    fn(repeats)  # warm-up: compile, fault pages in
     times = []
-    for _ in range(repeats):
+    for r in range(repeats):
         start = time.perf_counter()
-        fn()
+        fn(r)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
-def measure_costs(store: ExpertStore, tiers: TierSet, expert_group: Callable, repeats: int = 5) -> CostModel:
+def measure_costs(store: ExpertStore, tiers: TierSet, expert_group: Callable, repeats: int = 7) -> CostModel:
     """Time a block copy, host compute at 1 and C_max tokens, and one launch of every tier.
 
-    `expert_group(tier)` gives the tier's graph (e.g. `GraphSet.expert_group`). Uses layer 0's
-    expert 0 and scratch buffers allocated here, once.
+    `expert_group(tier)` gives the tier's graph (e.g. `GraphSet.expert_group`). Every repeat uses
+    other experts of layer 0 than the one before, so that, as for a real miss, the weights are
+    not already in the CPU's caches; the scratch slots are allocated here and dropped after.
     """
-    block = store.expert_block(0, 0)
-    scratch = [aligned_empty(a.shape, a.dtype) for a in block]
-    copy_s = _median_time(lambda: [np.copyto(d, s) for d, s in zip(scratch, block)], repeats)
-    hidden = block[0].shape[1]
+    count = store.num_experts
+    blocks = [store.expert_block(0, e % count) for e in range(repeats + max(t.group for t in tiers) + 1)]
+    group = max(t.group for t in tiers)
+    scratch = [[aligned_empty(a.shape, a.dtype) for a in blocks[0]] for _ in range(group)]
+    for g, slot in enumerate(scratch):
+        for dst, src in zip(slot, blocks[g]):
+            np.copyto(dst, src)
+    copy_s = _fastest(lambda r: [np.copyto(d, s) for d, s in zip(scratch[r % group], blocks[r])], repeats)
+    hidden = blocks[0][0].shape[1]
     rng = np.random.default_rng(0)
     wide = tiers.max_capacity
     x = rng.standard_normal((wide, hidden)).astype(np.float32)
-    one = _median_time(lambda: host_expert(x[:1], *block), repeats)
-    many = _median_time(lambda: host_expert(x, *block), repeats)
+    one = _fastest(lambda r: host_expert(x[:1], *blocks[r]), repeats)
+    many = _fastest(lambda r: host_expert(x, *blocks[r]), repeats)
     per_token = max(many - one, 0.0) / max(wide - 1, 1)
-    weights = [ms.Tensor.from_numpy(a) for a in scratch]
+    tensors = [[ms.Tensor.from_numpy(a) for a in slot] for slot in scratch]
     launch_s = []
     for tier in tiers:
         graph = expert_group(tier)
         inputs = ms.Tensor.from_numpy(rng.standard_normal((tier.group, tier.capacity, hidden)).astype(np.float32))
-        args = [weights[a] for a in range(len(weights)) for _ in range(tier.group)]
-        launch_s.append(_median_time(lambda: graph(inputs, *args).asnumpy(), repeats))
+        args = [tensors[g][a] for a in range(len(blocks[0])) for g in range(tier.group)]
+        launch_s.append(_fastest(lambda r: graph(inputs, *args).asnumpy(), repeats))
     return CostModel(copy_s, max(one - per_token, 0.0), per_token, tuple(launch_s), tiers)
 
 

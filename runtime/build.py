@@ -34,8 +34,10 @@ def engine_with_offload(model_dir: str | Path, *, budget_bytes: int | None = Non
                         expert_budget_gb: float | None = None, policy: str = "lru",
                         policy_kwargs: dict | None = None, prefetch: bool = False, prefetch_limit: int | None = None,
                         placement: dict | None = None, store: str = "ram", store_path: str | Path | None = None,
+                        store_populate: bool = False,
                         tiers: TierSet | None = None, buckets: Buckets = Buckets(), max_context: int = 1024,
-                        device_memory_bytes: int | None = None, record_requests: bool = False) -> Engine:
+                        device_memory_bytes: int | None = None, record_requests: bool = False,
+                        host_blas_threads: int | None = 1) -> Engine:
     """An engine whose routed experts stream from a host store into a slot pool of a byte budget.
 
     Give the budget as `budget_bytes` or `expert_budget_gb` (GiB, as config writes it); it is refused at start
@@ -46,13 +48,17 @@ def engine_with_offload(model_dir: str | Path, *, budget_bytes: int | None = Non
     `engine.dispatcher.weights.requests`). `prefetch` streams the next layer's likely experts on a
     background thread, `prefetch_limit` of them per layer (default top-k). `placement` is the
     CPU/NPU split config (`offload.placement.placement_from_config`). `store` is `ram` or `mmap`
-    (then `store_path` is the block file, written on first use). Counters: `engine.dispatcher.stats`.
+    (then `store_path` is the block file, written on first use; `store_populate` maps all of it at
+    start, see `MappedExpertStore`). Counters: `engine.dispatcher.stats`. When prefetch or host
+    compute is on, numpy's BLAS is set to `host_blas_threads` threads for the whole process (1:
+    its spinning threads otherwise slow MindSpore's kernels and host experts, see
+    `offload.placement`); None leaves it alone.
     """
     from offload.budget import gib, plan_slots
     from offload.counters import OffloadCounters
     from offload.host_store import open_store
     from offload.offloaded import OffloadedExperts
-    from offload.placement import measure_costs, placement_from_config
+    from offload.placement import limit_blas_threads, measure_costs, placement_from_config
     from offload.policies import make_policy
     from offload.prefetch import Prefetcher, RouterPredictor
 
@@ -62,11 +68,15 @@ def engine_with_offload(model_dir: str | Path, *, budget_bytes: int | None = Non
     checkpoint = Checkpoint(model_dir)
     spec = checkpoint.spec
     tiers = tiers or default_tiers(spec)
-    host = open_store(checkpoint, store, store_path)
+    host = open_store(checkpoint, store, store_path, store_populate)
     budget = budget_bytes if budget_bytes is not None else gib(expert_budget_gb)
     plan = plan_slots(budget, host.layout.nbytes, tiers, spec.num_layers * spec.num_experts, device_memory_bytes)
     graphs = CellGraphs(spec, max_context)
     stats = OffloadCounters.create(spec.num_layers, tiers)
+    uses_numpy = prefetch or bool(placement and (placement.get("mode") == "auto" or placement.get("host_layers")
+                                                 or placement.get("host_experts")))
+    if uses_numpy and host_blas_threads is not None:
+        limit_blas_threads(host_blas_threads)
     where = placement_from_config(placement, spec.num_layers, spec.num_experts,
                                   measure=lambda: measure_costs(host, tiers, graphs.expert_group))
     experts = OffloadedExperts(host, plan.num_slots, make_policy(policy, **(policy_kwargs or {})), stats,

@@ -28,7 +28,7 @@ from offload.host_store import (BlockLayout, HostExpertStore, MappedExpertStore,
 from offload.offloaded import OffloadedExperts
 from offload.placement import from_host_compute, host_expert, placement_from_config
 from offload.policies import make_policy
-from offload.prefetch import RouterPredictor
+from offload.prefetch import Prefetcher, RouterPredictor
 from offload.tiers import from_config
 from runtime.build import engine_from_checkpoint, engine_with_offload
 from runtime.engine import Buckets
@@ -239,7 +239,10 @@ def test_block_file_matches_checkpoint(model_dir, tmp_path):
     checkpoint = Checkpoint(model_dir)
     ram = open_store(checkpoint, "ram")
     mapped = MappedExpertStore(write_block_file(checkpoint, tmp_path / "b.bin"))
+    populated = MappedExpertStore(tmp_path / "b.bin", populate=True)
     check_matches(mapped, checkpoint.spec)
+    assert all(np.array_equal(a, b) for a, b in zip(mapped.expert_block(3, 7), populated.expert_block(3, 7)))
+    assert not mapped.expert_block(0, 0)[0].flags.writeable  # the store is read-only
     assert mapped.layout == ram.layout == BlockLayout.for_spec(checkpoint.spec)
     for layer, expert in [(0, 0), (1, 7), (3, 4)]:
         for a, b, c in zip(mapped.expert_block(layer, expert), ram.expert_block(layer, expert),
@@ -367,3 +370,24 @@ def test_slot_provider_invariants_with_concurrent_prefetch(work):
 def test_host_store_rejects_bad_arrays():
     with pytest.raises(ValueError, match="layer 0 down"):
         HostExpertStore([(np.zeros((2, 4, 3), np.float32), np.zeros((2, 3, 3), np.float32))])
+
+
+def test_prefetcher_guesses_next_layer_and_reports_failure():
+    routers = [np.eye(4, 3, dtype=np.float32), np.eye(4, 3, k=-1, dtype=np.float32)]  # [E=4, H=3]
+    calls = []
+    prefetcher = Prefetcher(RouterPredictor(routers, 1), lambda layer, experts: calls.append((layer, experts)), 2,
+                            limit=2)
+    prefetcher.hint(0, np.array([[0.0, 0.0, 1.0]], np.float32))  # layer 1's router picks expert 3
+    prefetcher.hint(1, np.ones((1, 3), np.float32))  # the last layer: nothing after it
+    prefetcher.drain()
+    assert calls == [(1, [3])]
+    prefetcher.close()
+
+    def broken(layer, experts):
+        raise OSError("disk gone")
+
+    failing = Prefetcher(RouterPredictor(routers, 1), broken, 2, limit=1)
+    failing.hint(0, np.ones((1, 3), np.float32))
+    failing.drain()
+    assert isinstance(failing.error, OSError)
+    failing.close()
