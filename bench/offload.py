@@ -15,7 +15,9 @@ policies are what the trace is for.
 Part 1 replays the decode trace through the slot pool (no copies, no model) for each policy and
 budget: bytes streamed per decoded token, as a ratio to Belady's (offline optimal) at that budget,
 without and with prefetch. Part 2 runs the real engine on this CPU for each policy at two budgets:
-wall time per decoded token and the fraction of it spent stalled (launches waiting for copies).
+wall time per decoded token and the fraction of it spent stalled (launches waiting for copies),
+and LRU with `auto` placement (misses computed on the host when measured costs say so). The
+block file is mapped with `store_populate=True` so that copies do not pay first-touch faults.
 On MindSpore's CPU backend the "device" slots are host RAM: a copy and the expert matmuls both
 stream DRAM, so overlap gains little here; on a 310P3 the copy is PCIe DMA, beside the compute.
 """
@@ -36,6 +38,7 @@ from convert.checkpoint import Checkpoint  # noqa: E402
 from convert.spec import ModelSpec  # noqa: E402
 from convert.synthetic import write_random_checkpoint  # noqa: E402
 from offload.host_store import BlockLayout  # noqa: E402
+from offload.placement import limit_blas_threads  # noqa: E402
 from offload.policies import make_policy  # noqa: E402
 from offload.prefetch import RouterPredictor  # noqa: E402
 from offload.slots import SlotPool  # noqa: E402
@@ -145,33 +148,39 @@ def part_two(model_dir: Path, store: Path, spec: ModelSpec, budgets: list[int], 
              buckets: Buckets) -> None:
     print(f"\n== Part 2: real runs on this CPU, {decode} decode tokens after a 4-token warm-up ==")
     print("stalled = time launches waited for expert copies / wall time of the decode steps")
-    print(f"{'slots':>6} {'GiB':>6} {'policy':>7} {'prefetch':>8} {'ms/token':>9} {'stalled':>8} {'hit%':>5} "
-          f"{'MB/token':>9} {'pf hit':>7} {'pf waste':>8}")
+    print(f"{'slots':>6} {'GiB':>6} {'policy':>8} {'prefetch':>8} {'ms/token':>9} {'stalled':>8} {'hit%':>5} "
+          f"{'MB/token':>9} {'pf hit':>7} {'pf waste':>8} {'host/token':>10}")
     block = BlockLayout.for_spec(spec).nbytes
     requests = None  # the pool's request sequence, the same for every budget and policy: Belady's future
+    # every policy without and with prefetch, then LRU with `auto` host compute (the CPU/NPU split)
+    variants = [(policy, prefetch, None) for policy in POLICIES for prefetch in (False, True)]
+    variants.append(("lru", False, {"mode": "auto"}))
     for slots in budgets:
-        for policy in POLICIES:
-            for prefetch in (False, True):
-                kwargs = {"policy_kwargs": {"trace": requests}} if policy == "belady" else {}
-                engine = engine_with_offload(model_dir, budget_bytes=slots * block, policy=policy, prefetch=prefetch,
-                                             store="mmap", store_path=store, buckets=buckets, max_context=512,
-                                             record_requests=requests is None, **kwargs)
-                try:
-                    decode_tokens(engine, 4, seed=1)  # warm-up: compile, fault the slot pages in
-                    seconds = decode_tokens(engine, decode, seed=0)
-                finally:
-                    engine.close()
-                if requests is None:
-                    requests = engine.dispatcher.weights.requests
-                stats = engine.dispatcher.stats
-                total = stats.total()
-                asked = total.hits + total.misses
-                print(f"{slots:>6} {slots * block / 2**30:>6.2f} {policy:>7} {'on' if prefetch else 'off':>8} "
-                      f"{1e3 * seconds / decode:>9.1f} {100 * stats.stall_fraction:>7.1f}% "
-                      f"{100 * total.hits / max(asked, 1):>5.0f} {total.bytes_streamed / decode / 1e6:>9.1f} "
-                      f"{total.prefetch_hits:>7} {total.prefetch_wasted:>8}", flush=True)
-                del engine
-                gc.collect()
+        for policy, prefetch, placement in variants:
+            kwargs = {"policy_kwargs": {"trace": requests}} if policy == "belady" else {}
+            engine = engine_with_offload(model_dir, budget_bytes=slots * block, policy=policy, prefetch=prefetch,
+                                         placement=placement, store="mmap", store_path=store, store_populate=True,
+                                         buckets=buckets, max_context=512, record_requests=requests is None, **kwargs)
+            try:
+                decode_tokens(engine, 4, seed=1)  # warm-up: compile, fault the slot pages in
+                seconds = decode_tokens(engine, decode, seed=0)
+            finally:
+                engine.close()
+            if requests is None:
+                requests = engine.dispatcher.weights.requests
+            stats = engine.dispatcher.stats
+            total = stats.total()
+            asked = total.hits + total.misses
+            name = policy + ("+auto" if placement else "")
+            print(f"{slots:>6} {slots * block / 2**30:>6.2f} {name:>8} {'on' if prefetch else 'off':>8} "
+                  f"{1e3 * seconds / decode:>9.1f} {100 * stats.stall_fraction:>7.1f}% "
+                  f"{100 * total.hits / max(asked, 1):>5.0f} {total.bytes_streamed / decode / 1e6:>9.1f} "
+                  f"{total.prefetch_hits:>7} {total.prefetch_wasted:>8} {total.host_experts / decode:>10.1f}",
+                  flush=True)
+            if placement:
+                print(f"{'':>6} auto placement costs measured at start: {engine.dispatcher.placement.costs.describe()}")
+            del engine
+            gc.collect()
 
 
 def main() -> None:
@@ -184,6 +193,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/ferry-bench-offload"))
     args = parser.parse_args()
     configure(threads=args.threads)
+    limit_blas_threads(1)  # numpy's spinning BLAS threads otherwise slow MindSpore here (offload.placement)
     spec = spec_for(args.preset, args.layers)
     tag = f"{args.preset}-{args.layers}l"
     model_dir = args.cache / f"ckpt-{tag}"
@@ -200,7 +210,7 @@ def main() -> None:
     predictor = RouterPredictor([checkpoint.layer_weights(i)["router"] for i in range(spec.num_layers)], k)
     start = time.perf_counter()
     engine = engine_with_offload(model_dir, budget_bytes=total // 4 * block, store="mmap", store_path=store,
-                                 buckets=buckets, max_context=512)
+                                 store_populate=True, buckets=buckets, max_context=512)
     rec = record(engine, predictor, args.decode, seed=0)
     engine.close()
     del engine
