@@ -67,6 +67,9 @@ class ExpertDispatcher:
         self.placement = placement or Placement()
         if self.placement.uses_host and host_store is None:
             raise ValueError("a placement that computes experts on the host needs the host expert store")
+        dtypes = tuple(getattr(getattr(host_store, "layout", None), "dtypes", ("float32", "float32")))
+        if self.placement.uses_host and dtypes != ("float32", "float32"):
+            raise ValueError(f"host compute reads float32 gate_up and down blocks; this store holds {dtypes}")
         self.host_store = host_store
         self.prefetcher = prefetcher
         self.stats = stats or OffloadCounters.create(spec.num_layers, tiers)

@@ -391,3 +391,17 @@ def test_prefetcher_guesses_next_layer_and_reports_failure():
     failing.drain()
     assert isinstance(failing.error, OSError)
     failing.close()
+
+
+def test_host_compute_refuses_narrow_blocks():
+    from types import SimpleNamespace
+
+    from offload.dispatch import ExpertDispatcher
+    from offload.placement import Placement
+
+    store = SimpleNamespace(layout=BlockLayout(((4, 3), (3, 2), (4,), (3,)), ("int8", "int8", "float32", "float32")))
+    spec = SimpleNamespace(hidden_size=3, num_layers=1, num_experts=2)
+    graphs = SimpleNamespace(expert_group=lambda tier: None)
+    with pytest.raises(ValueError, match="host compute reads float32"):
+        ExpertDispatcher(spec, from_config([{"capacity": 1, "group": 1}]), None, graphs,
+                         placement=Placement(host_layers=frozenset({0})), host_store=store)
