@@ -40,6 +40,11 @@ class SharedExpert(nn.Cell):
         return ops.sigmoid(self.linear(x, shared_expert_gate)) * self.mlp(x, gate, up, down)  # [T, H]
 
 
+def swiglu(both, intermediate: int):
+    """silu(gate) * up for the fused gate_up projection's output [C, 2I] -> [C, I]."""
+    return ops.silu(both[:, :intermediate]) * both[:, intermediate:]
+
+
 class ExpertGroup(nn.Cell):
     """G routed experts in one launch: x [G, C, H] -> [G, C, H].
 
@@ -56,8 +61,7 @@ class ExpertGroup(nn.Cell):
     def construct(self, x, *weights):
         outs = []
         for g in range(self.slots):
-            both = self.linear(x[g], weights[g])  # [C, 2I]
-            hidden = ops.silu(both[:, : self.intermediate]) * both[:, self.intermediate :]  # [C, I]
+            hidden = swiglu(self.linear(x[g], weights[g]), self.intermediate)  # [C, I]
             outs.append(self.linear(hidden, weights[self.slots + g]))  # [C, H]
         return ops.stack(outs)  # [G, C, H]
 
@@ -80,8 +84,7 @@ class ExpertGroupFP16(nn.Cell):
         for g in range(self.slots):
             gate_up = ops.cast(weights[g], mstype.float32)  # [2I, H]
             down = ops.cast(weights[self.slots + g], mstype.float32)  # [H, I]
-            both = self.linear(x[g], gate_up)  # [C, 2I]
-            hidden = ops.silu(both[:, : self.intermediate]) * both[:, self.intermediate :]  # [C, I]
+            hidden = swiglu(self.linear(x[g], gate_up), self.intermediate)  # [C, I]
             outs.append(self.linear(hidden, down))  # [C, H]
         return ops.stack(outs)  # [G, C, H]
 
@@ -106,7 +109,6 @@ class ExpertGroupInt8(nn.Cell):
         for g in range(g_count):
             gate_up = ops.cast(weights[g], mstype.float32)  # [2I, H] integer values
             down = ops.cast(weights[g_count + g], mstype.float32)  # [H, I]
-            both = self.linear(x[g], gate_up) * weights[2 * g_count + g]  # [C, 2I]
-            hidden = ops.silu(both[:, : self.intermediate]) * both[:, self.intermediate :]  # [C, I]
+            hidden = swiglu(self.linear(x[g], gate_up) * weights[2 * g_count + g], self.intermediate)  # [C, I]
             outs.append(self.linear(hidden, down) * weights[3 * g_count + g])  # [C, H]
         return ops.stack(outs)  # [G, C, H]
