@@ -3,8 +3,8 @@
     python -m bench.convert [--layers 4] [--vocab 8192] [--dtypes fp32,fp16,int8] [--keep]
 
 The checkpoint is `bench.realwidth`'s (hidden 2048, 256 experts of 3 x 512 x 2048, BF16, cached
-outside the repository). Each convert runs in its own process, so its peak RSS (`ru_maxrss` from
-wait4, which counts mapped file pages as well as allocations) is the convert's alone; it is printed
+outside the repository). Each convert runs in its own process, so its peak RSS (VmHWM, which counts
+mapped file pages as well as allocations) is the convert's alone; it is printed
 as a ratio to one decoder layer's weights in the checkpoint, beside the RSS of a process that only
 imports and sets up MindSpore (the floor every convert starts from). Throughput is checkpoint bytes
 read per second, for the weights stage alone and for the whole convert (graph export and the final
@@ -24,7 +24,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -45,17 +44,21 @@ def layer_bytes(model_dir: Path, layer: int) -> int:
                for name, file in checkpoint._where.items() if marker in name and name in checkpoint._mapped)
 
 
-def run_child(args: list[str]) -> tuple[dict, int]:
-    """Run this module in a child process; its last stdout line (JSON) and its peak RSS in bytes."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen([sys.executable, "-m", "bench.convert", *args], cwd=REPO, stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)  # wait4, not wait: the child's own rusage
-        process.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if process.returncode != 0:
-            raise RuntimeError(f"bench.convert {' '.join(args)} failed:\n{err.read()[-4000:]}")
-        return json.loads(out.read().strip().splitlines()[-1]), usage.ru_maxrss * 1024  # Linux: KiB
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM), in bytes. Not `ru_maxrss`: Linux carries a parent's
+    peak into a child it spawns, so a child's `ru_maxrss` can be its parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def run_child(args: list[str]) -> dict:
+    """Run this module as a worker in a child process; the JSON object it prints last."""
+    done = subprocess.run([sys.executable, "-m", "bench.convert", *args], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.convert {' '.join(args)} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def worker_floor() -> dict:
@@ -126,12 +129,12 @@ def main() -> None:
     if args.worker is not None:
         kind, *rest = args.worker
         result = worker_floor() if kind == "floor" else worker_convert(rest[0], rest[1], rest[2], int(rest[3]))
-        print(json.dumps(result))
+        print(json.dumps({**result, "peak_rss": peak_rss()}))
         return
 
     model_dir = real_width_checkpoint(args.layers, args.vocab)
     one_layer = layer_bytes(model_dir, 0)
-    _, floor = run_child(["--worker", "floor"])
+    floor = run_child(["--worker", "floor"])["peak_rss"]
     print(f"checkpoint {model_dir} ({args.layers} layers, vocab {args.vocab}, BF16)")
     print(f"one layer's weights: {one_layer / GIB:.2f} GiB; MindSpore process floor RSS {floor / GIB:.2f} GiB "
           f"({floor / one_layer:.2f} x a layer)\n")
@@ -140,7 +143,8 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         out = CACHE / f"artifact-{model_dir.name}-{dtype}"
         os.sync()  # the previous artifact's writeback must not slow this convert
-        stats, peak = run_child(["--worker", "convert", str(model_dir), str(out), dtype, str(args.max_context)])
+        stats = run_child(["--worker", "convert", str(model_dir), str(out), dtype, str(args.max_context)])
+        peak = stats["peak_rss"]
         from convert.artifact import Artifact
 
         report = Artifact.open(out, verify="none").manifest.experts.report

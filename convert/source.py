@@ -38,8 +38,8 @@ def global_rows(checkpoint: Checkpoint, key: str) -> Iterator[np.ndarray]:
         rows = min(per_chunk, shape[0] - start)
         for r in range(rows):
             located.read(start + r, chunk[r])
+        release(checkpoint)
         yield chunk[:rows]
-    release(checkpoint)
 
 
 def source_bytes(checkpoint: Checkpoint) -> int:
