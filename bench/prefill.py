@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 from bench.realwidth import real_width_checkpoint, real_width_spec  # noqa: E402
 
-BUCKETS = (64, 256)
+BUCKETS = (64, 256, 1024)
 
 
 def ferry_worker(model_dir: Path, prompt: list[int], threads: int) -> dict:
