@@ -66,18 +66,12 @@ class ExpertGroup(nn.Cell):
         return ops.stack(outs)  # [G, C, H]
 
 
-class ExpertGroupFP16(nn.Cell):
+class ExpertGroupFP16(ExpertGroup):
     """ExpertGroup over FP16-stored weights: the same inputs in FP16, cast to FP32 inside the graph.
 
     The CPU kernels compute in FP32 (their FP16 matmuls are several times slower), so the cast is
     part of the launch; a device that computes in FP16 would drop it.
     """
-
-    def __init__(self, slots: int, intermediate: int):
-        super().__init__()
-        self.slots = slots
-        self.intermediate = intermediate
-        self.linear = Linear()
 
     def construct(self, x, *weights):
         outs = []
@@ -89,19 +83,13 @@ class ExpertGroupFP16(nn.Cell):
         return ops.stack(outs)  # [G, C, H]
 
 
-class ExpertGroupInt8(nn.Cell):
+class ExpertGroupInt8(ExpertGroup):
     """ExpertGroup over INT8 weight-only storage with one FP32 scale per output channel.
 
     After x come G `gate_up` [2I, H] int8, G `down` [H, I] int8, G `gate_up_scale` [2I] and
     G `down_scale` [H]. A row's scale multiplies that row's dot products, so it is applied to the
     matmul output ([C, 2I], [C, H]) rather than to the weight: the same value, fewer multiplies.
     """
-
-    def __init__(self, slots: int, intermediate: int):
-        super().__init__()
-        self.slots = slots
-        self.intermediate = intermediate
-        self.linear = Linear()
 
     def construct(self, x, *weights):
         g_count = self.slots
