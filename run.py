@@ -93,14 +93,12 @@ def counters(engine, offloaded: bool) -> dict:
     tiers = [{"capacity": t.capacity, "group": t.group, "launches": c.launches[i], "tokens": c.tokens[i],
               "padding": c.padding[i]} for i, t in enumerate(engine.dispatcher.tiers)]
     offload = engine.dispatcher.stats.to_dict() if offloaded else None
-    return {"dispatch": {"tiers": tiers, "expert_tokens": c.expert_tokens}, "offload": offload}
+    routed = sum(c.tokens) + c.host_tokens  # every (token, expert) row, on the device or the host
+    return {"dispatch": {"tiers": tiers, "expert_tokens": routed}, "offload": offload}
 
 
 def reset_counters(engine) -> None:
     """After the warm-up: count the measured run alone (slots it loaded stay loaded)."""
-    from offload.dispatch import DispatchCounters
-
-    engine.dispatcher.counters = DispatchCounters.for_tiers(engine.dispatcher.tiers)
     engine.dispatcher.stats.reset()
 
 

@@ -14,13 +14,12 @@ layer's last launch has its weights, to stream the next layer's experts while th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import mindspore as ms
 
-from offload.counters import OffloadCounters
+from offload.counters import LayerCounters, OffloadCounters
 from offload.placement import Placement, host_expert
 from offload.tiers import Launch, Tier, TierSet, plan_launches
 
@@ -36,21 +35,6 @@ class ExpertWeights(Protocol):
     def launch_weights(self, layer: int, experts: Sequence[int]) -> tuple: ...
 
 
-@dataclass
-class DispatchCounters:
-    """Per-tier launches, carried tokens and padded slot-tokens, summed over a run."""
-
-    launches: list[int]
-    tokens: list[int]
-    padding: list[int]
-    expert_tokens: int = 0
-
-    @classmethod
-    def for_tiers(cls, tiers: TierSet) -> "DispatchCounters":
-        n = len(tiers)
-        return cls([0] * n, [0] * n, [0] * n)
-
-
 class ExpertDispatcher:
     """Runs the routed experts of any layer through the tier graphs (or on the host, by placement)."""
 
@@ -63,7 +47,6 @@ class ExpertDispatcher:
         self.groups = [graphs.expert_group(tier) for tier in tiers]
         # one reusable host buffer per tier for the padded launch input
         self.inputs = [np.zeros((t.group, t.capacity, spec.hidden_size), np.float32) for t in tiers]
-        self.counters = DispatchCounters.for_tiers(tiers)
         self.placement = placement or Placement()
         if self.placement.uses_host and host_store is None:
             raise ValueError("a placement that computes experts on the host needs the host expert store")
@@ -100,8 +83,12 @@ class ExpertDispatcher:
             out[rows // k] += y * scale[rows, None]
             self.stats.layers[layer].host_experts += 1
             self.stats.layers[layer].host_tokens += len(rows)
-        self.counters.expert_tokens += n * k
         return out
+
+    @property
+    def counters(self) -> LayerCounters:
+        """The run's totals over layers: launches, carried tokens and padding per tier, host experts."""
+        return self.stats.total()
 
     def step_done(self, tokens: int, seconds: float) -> None:
         """The engine finished one launch of `tokens` tokens in `seconds` (wall time, stalls included)."""
@@ -144,9 +131,6 @@ class ExpertDispatcher:
         for g, piece_rows in enumerate(rows):
             out[piece_rows // k] += y[g, : len(piece_rows)] * scale[piece_rows, None]
         carried = sum(len(r) for r in rows)
-        self.counters.launches[launch.tier_index] += 1
-        self.counters.tokens[launch.tier_index] += carried
-        self.counters.padding[launch.tier_index] += tier.slot_tokens - carried
         per_layer = self.stats.layers[layer]
         per_layer.launches[launch.tier_index] += 1
         per_layer.tokens[launch.tier_index] += carried
