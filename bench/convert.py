@@ -106,7 +106,8 @@ def expert_output_error(model_dir: Path, artifact_dir: Path, layer: int = 0) -> 
     for first in range(0, len(experts), tier.group):
         chosen = (experts[first:] * tier.group)[: tier.group]
         x = rng.standard_normal((tier.group, tier.capacity, artifact.spec.hidden_size)).astype(np.float32)
-        ours = graph(ms.Tensor.from_numpy(x), *weights.launch_weights(layer, chosen)).asnumpy()
+        full = ms.Tensor.from_numpy(np.full(tier.group, tier.capacity, np.int32))
+        ours = graph(ms.Tensor.from_numpy(x), full, *weights.launch_weights(layer, chosen)).asnumpy()
         for slot, expert in enumerate(chosen):
             gate_up, down = checkpoint.expert_weights(layer, expert)
             both = x[slot] @ gate_up.T  # [C, 2I]

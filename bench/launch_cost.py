@@ -48,13 +48,14 @@ def time_expert_group(group: int, capacity: int, hidden: int, intermediate: int,
 
     cell = _expert_group(group, intermediate)
     x = ms.Tensor.from_numpy(np.random.default_rng(0).standard_normal((group, capacity, hidden), np.float32))
+    full = ms.Tensor.from_numpy(np.full(group, capacity, np.int32))
     tensors = [(ms.Tensor.from_numpy(g), ms.Tensor.from_numpy(d)) for g, d in pool]
     times = []
     for launch in range(repeats + 2):  # two warm-ups: compilation, first touch
         slots = [tensors[(launch * group + g) % len(tensors)] for g in range(group)]
         weights = tuple(s[0] for s in slots) + tuple(s[1] for s in slots)
         start = time.perf_counter()
-        cell(x, *weights).asnumpy()
+        cell(x, full, *weights).asnumpy()
         if launch >= 2:
             times.append(time.perf_counter() - start)
     return Timing(group, capacity, float(np.median(times)), float(min(times)))

@@ -109,12 +109,13 @@ def measure_replay(samples: list[np.ndarray], candidates, count: int, hidden: in
     def launcher(tiers):
         cells = [_expert_group(t.group, intermediate) for t in tiers]
         inputs = [ms.Tensor.from_numpy(np.ones((t.group, t.capacity, hidden), np.float32)) for t in tiers]
+        full = [ms.Tensor.from_numpy(np.full(t.group, t.capacity, np.int32)) for t in tiers]
 
         def launch(index: int) -> None:
             nonlocal turn
             slots = [pool[(turn + g) % len(pool)] for g in range(tiers[index].group)]
             turn += len(slots)
-            cells[index](inputs[index], *(s[0] for s in slots), *(s[1] for s in slots)).asnumpy()
+            cells[index](inputs[index], full[index], *(s[0] for s in slots), *(s[1] for s in slots)).asnumpy()
 
         for index in range(len(tiers)):  # compile every shape before timing
             launch(index)

@@ -87,7 +87,7 @@ def graph_plans(spec: ModelSpec, buckets: tuple[int, ...], tiers: tuple[TierReco
         g, c = tier.group, tier.capacity
         slot_inputs = tuple(TensorSig(part.shape, part.dtype) for part in parts for _ in range(g))
         plans.append(GraphPlan(f"experts_{expert_dtype}_g{g}_c{c}", "expert_group", None, tier,
-                               (_f32(g, c, h),) + slot_inputs, (_f32(g, c, h),)))
+                               (_f32(g, c, h), _i32(g)) + slot_inputs, (_f32(g, c, h),)))
     return plans
 
 

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from convert.spec import CheckpointError, ModelSpec
 
 FORMAT = "ferry-artifact"
-VERSION = 1
+VERSION = 2  # 2: expert-group graphs take the real rows of each slot after x
 MANIFEST_NAME = "manifest.json"
 EXPERT_DTYPES = ("fp32", "fp16", "int8")
 GRAPH_KINDS = ("embedding", "head", "attention", "deltanet", "expert_group")

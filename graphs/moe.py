@@ -11,7 +11,7 @@ tokens go to which slot is decided on the host from the router's output. `Expert
 from mindspore import nn, ops
 from mindspore.common import dtype as mstype
 
-from graphs.common import Linear, SwiGLU
+from graphs.common import Linear, SwiGLU, cpu_kernel
 
 
 class Router(nn.Cell):
@@ -48,8 +48,10 @@ def swiglu(both, intermediate: int):
 class ExpertGroup(nn.Cell):
     """G routed experts in one launch: x [G, C, H] -> [G, C, H].
 
-    After x come G `gate_up` weights [2I, H] (gate rows, then up rows), then G `down` weights [H, I],
-    one pair per slot as separate inputs, so that no launch stacks (copies) expert weights.
+    After x come `counts` [G] int32 (the real rows of each slot; the rest is padding, zero in and
+    zero out), then G `gate_up` weights [2I, H] (gate rows, then up rows), then G `down` weights
+    [H, I], one pair per slot as separate inputs, so that no launch stacks (copies) expert weights.
+    On the CPU the whole group is one `FerryExperts` kernel call, which skips the padding rows.
     """
 
     def __init__(self, slots: int, intermediate: int):
@@ -57,8 +59,12 @@ class ExpertGroup(nn.Cell):
         self.slots = slots
         self.intermediate = intermediate
         self.linear = Linear()
+        self.kernel = cpu_kernel("FerryExperts", lambda x, *shapes: x, lambda x, *dtypes: x)
+        self.use_kernel = self.kernel is not None
 
-    def construct(self, x, *weights):
+    def construct(self, x, counts, *weights):
+        if self.use_kernel:
+            return self.kernel(x, counts, *weights)  # [G, C, H]
         outs = []
         for g in range(self.slots):
             hidden = swiglu(self.linear(x[g], weights[g]), self.intermediate)  # [C, I]
@@ -73,7 +79,7 @@ class ExpertGroupFP16(ExpertGroup):
     part of the launch; a device that computes in FP16 would drop it.
     """
 
-    def construct(self, x, *weights):
+    def construct(self, x, counts, *weights):
         outs = []
         for g in range(self.slots):
             gate_up = ops.cast(weights[g], mstype.float32)  # [2I, H]
@@ -91,7 +97,7 @@ class ExpertGroupInt8(ExpertGroup):
     matmul output ([C, 2I], [C, H]) rather than to the weight: the same value, fewer multiplies.
     """
 
-    def construct(self, x, *weights):
+    def construct(self, x, counts, *weights):
         g_count = self.slots
         outs = []
         for g in range(g_count):

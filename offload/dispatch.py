@@ -45,8 +45,9 @@ class ExpertDispatcher:
         self.tiers = tiers
         self.weights = weights
         self.groups = [graphs.expert_group(tier) for tier in tiers]
-        # one reusable host buffer per tier for the padded launch input
+        # reusable host buffers per tier: the padded launch input and the real rows of each slot
         self.inputs = [np.zeros((t.group, t.capacity, spec.hidden_size), np.float32) for t in tiers]
+        self.counts = [np.zeros(t.group, np.int32) for t in tiers]
         self.placement = placement or Placement()
         if self.placement.uses_host and host_store is None:
             raise ValueError("a placement that computes experts on the host needs the host expert store")
@@ -115,19 +116,23 @@ class ExpertDispatcher:
     def _launch(self, layer, launch: Launch, x, order, starts, scale, out, k, hint: bool = False) -> None:
         tier = self.tiers[launch.tier_index]
         buffer = self.inputs[launch.tier_index]  # [G, C, H]
+        counts = self.counts[launch.tier_index]  # [G]
         buffer.fill(0.0)
+        counts.fill(0)
         rows = []
         for g, piece in enumerate(launch.pieces):
             first = starts[piece.expert] + piece.start
             piece_rows = order[first : first + piece.count]  # flat (token, choice) indices
             buffer[g, : piece.count] = x[piece_rows // k]
+            counts[g] = piece.count
             rows.append(piece_rows)
         experts = [piece.expert for piece in launch.pieces]
         experts += [experts[0]] * (tier.group - len(experts))  # padding slots reuse a resident expert
         weights = self.weights.launch_weights(layer, experts)
         if hint:  # the layer's last launch has its slots: prefetching can no longer evict them
             self._hint(layer, x)
-        y = self.groups[launch.tier_index](ms.Tensor.from_numpy(buffer), *weights).asnumpy()  # [G, C, H]
+        y = self.groups[launch.tier_index](ms.Tensor.from_numpy(buffer), ms.Tensor.from_numpy(counts),
+                                           *weights).asnumpy()  # [G, C, H]
         for g, piece_rows in enumerate(rows):
             out[piece_rows // k] += y[g, : len(piece_rows)] * scale[piece_rows, None]
         carried = sum(len(r) for r in rows)

@@ -134,8 +134,9 @@ def measure_costs(store: ExpertStore, tiers: TierSet, expert_group: Callable, re
     for tier in tiers:
         graph = expert_group(tier)
         inputs = ms.Tensor.from_numpy(rng.standard_normal((tier.group, tier.capacity, hidden)).astype(np.float32))
+        full = ms.Tensor.from_numpy(np.full(tier.group, tier.capacity, np.int32))
         args = [tensors[g][a] for a in range(len(blocks[0])) for g in range(tier.group)]
-        launch_s.append(_fastest(lambda r: graph(inputs, *args).asnumpy(), repeats))
+        launch_s.append(_fastest(lambda r: graph(inputs, full, *args).asnumpy(), repeats))
     return CostModel(copy_s, max(one - per_token, 0.0), per_token, tuple(launch_s), tiers)
 
 

@@ -16,4 +16,5 @@ def configure(device: str = "CPU", threads: int | None = None) -> None:
     ms.set_context(mode=ms.GRAPH_MODE)
     if threads:
         ms.device_context.cpu.op_tuning.threads_num(threads)
+        os.environ["FERRY_CPU_THREADS"] = str(threads)  # read once, when the kernel library loads
     _configured = True

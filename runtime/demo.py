@@ -29,7 +29,7 @@ from convert.spec import ModelSpec, spec_from_config
 from convert.synthetic import write_random_checkpoint
 from offload.tiers import TierSet
 
-FORMAT = 1  # bump when the files written here change, so caches of the old format are not reused
+FORMAT = 2  # bump when the files written here change, so caches of the old format are not reused
 CORPUS = Path(__file__).with_name("demo_corpus.txt")
 END_OF_TEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END)  # ids 0, 1, 2

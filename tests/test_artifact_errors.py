@@ -78,8 +78,8 @@ def test_corrupted_expert_block_names_layer_and_expert(artifact, capsys):
 
 
 def test_manifest_of_another_version(artifact):
-    edit_manifest(artifact, lambda m: m.update(version=2))
-    with pytest.raises(ManifestVersionError, match="manifest version 2, this Ferry reads version 1"):
+    edit_manifest(artifact, lambda m: m.update(version=1))
+    with pytest.raises(ManifestVersionError, match="manifest version 1, this Ferry reads version 2"):
         Artifact.open(artifact)
 
 
