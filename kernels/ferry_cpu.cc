@@ -82,7 +82,7 @@ class WorkerPool {
     uint64_t seen = 0;  // the generation at construction: a job posted before this thread ran is still new
     for (;;) {
       // spin briefly (the next job of a launch follows within microseconds), then sleep
-      for (int spin = 0; spin < 20000 && generation_.load(std::memory_order_acquire) == seen; ++spin) _mm_pause();
+      for (int spin = 0; spin < 1000 && generation_.load(std::memory_order_acquire) == seen; ++spin) _mm_pause();
       generation_.wait(seen, std::memory_order_acquire);
       seen = generation_.load(std::memory_order_acquire);
       if (stop_.load()) return;
