@@ -115,11 +115,15 @@ class GatedDeltaNet(nn.Cell):
         q_decayed = q * ops.exp(cum).reshape(hv, m, l, 1)
         k_decayed = k * ops.exp(cum[..., -1:] - cum).reshape(hv, m, l, 1)
         chunk_decay = ops.exp(cum[..., -1]).reshape(hv, m, 1, 1)
+        # per-chunk operands split once: indexing x[:, i] inside the loop runs ~5x slower on the CPU
+        new_values, k_cumdecay, q_decayed, intra, chunk_decay = (
+            ops.unstack(part, 1) for part in (new_values, k_cumdecay, q_decayed, intra, chunk_decay))
+        k_decayed_t = ops.unstack(k_decayed.swapaxes(-1, -2), 1)  # M x [Hv, Dk, L]
         outs = []
         for i in range(m):
-            v_new = new_values[:, i] - ops.matmul(k_cumdecay[:, i], state)  # [Hv, L, Dv]
-            outs.append(ops.matmul(q_decayed[:, i], state) + ops.matmul(intra[:, i], v_new))
-            state = state * chunk_decay[:, i] + ops.matmul(k_decayed[:, i].swapaxes(-1, -2), v_new)
+            v_new = new_values[i] - ops.matmul(k_cumdecay[i], state)  # [Hv, L, Dv]
+            outs.append(ops.matmul(q_decayed[i], state) + ops.matmul(intra[i], v_new))
+            state = state * chunk_decay[i] + ops.matmul(k_decayed_t[i], v_new)
         out = ops.stack(outs, 1).reshape(hv, self.tokens, self.v_dim).transpose(1, 0, 2)  # [T, Hv, Dv]
         return out, state
 
