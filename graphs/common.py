@@ -3,16 +3,10 @@
 Legend: T tokens in a launch, H hidden, D any feature width.
 Weights arrive in the HF `[out, in]` layout and are multiplied with `transpose_b=True`, so no
 weight is ever transposed (copied) at run time.
-
-On the CPU, launches of up to `KERNEL_ROWS` tokens (decode) multiply through Ferry's `FerryLinear`
-kernel (`kernels/ferry_cpu.cc`), which streams the weights at close to the memory bandwidth where
-MindSpore's MatMul reaches about half of it; longer launches (prefill) use MatMul's blocked GEMM.
 """
 from mindspore import nn, ops
 
 from kernels.build import library
-
-KERNEL_ROWS = 8
 
 
 def cpu_kernel(name: str, out_shape, out_dtype):
@@ -29,12 +23,8 @@ class Linear(nn.Cell):
     def __init__(self):
         super().__init__()
         self.matmul = ops.MatMul(transpose_b=True)
-        self.kernel = cpu_kernel("FerryLinear", lambda x, w: [x[0], w[0]], lambda x, w: x)
-        self.use_kernel = self.kernel is not None
 
     def construct(self, x, weight):
-        if self.use_kernel and x.shape[0] <= KERNEL_ROWS:
-            return self.kernel(x, weight)  # [T, out]
         return self.matmul(x, weight)  # [T, out]
 
 

@@ -1,11 +1,10 @@
 // Ferry's CPU kernels, called from MindSpore graphs as AOT custom ops (ops.Custom, func_type="aot").
 //
-// Why they exist: on the CPU backend, MindSpore 2.10's MatMul reads a [1, K] x [N, K]^T product's
-// weights at 10-15 GB/s, and an expert launch that picks G experts out of a pool would need a gather
-// (a copy of every picked expert) before any MindSpore matmul could read them. These kernels read
-// the weights where they lie, at the machine's streaming bandwidth, and skip each slot's padding rows.
+// Why: on the CPU backend, an expert-group launch built from MindSpore's operators runs 2 x G
+// MatMuls plus slicing and SwiGLU ops, reads a decode token's expert weights at 10-15 GB/s, and
+// computes every padding row of every slot. One kernel call streams the weights at close to the
+// memory bandwidth (decode) or runs a register-blocked product over the real rows only (prefill).
 //
-//   FerryLinear   y [M, N] = x [M, K] . w [N, K]^T                  (HF [out, in] layout, no transpose)
 //   FerryExperts  out [G, C, H] = G SwiGLU experts: inputs x [G, C, H], counts [G] int32 (real rows
 //                 per slot), then G gate_up [2I, H] (gate rows, then up rows), then G down [H, I].
 //                 Rows at or past counts[g] come out as zeros and cost nothing.
@@ -156,21 +155,6 @@ constexpr int64_t kBlock = 4;  // weight rows per register block
 constexpr int64_t kChunk = 8;  // register blocks per work item handed to a thread
 
 }  // namespace
-
-extern "C" int FerryLinear(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  const auto *x = static_cast<const float *>(params[0]);
-  const auto *w = static_cast<const float *>(params[1]);
-  auto *y = static_cast<float *>(params[2]);
-  const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][0];
-  const int64_t blocks = (N + kBlock - 1) / kBlock;
-  WorkerPool::get().run(blocks, kChunk, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n = b * kBlock;
-      dot_columns(x, M, w + n * K, N - n < kBlock ? N - n : kBlock, K, y + n, N);
-    }
-  });
-  return 0;
-}
 
 extern "C" int FerryExperts(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
   const int64_t G = shapes[0][0], C = shapes[0][1], H = shapes[0][2], I = shapes[2][0] / 2;

@@ -1,9 +1,9 @@
-"""Ferry's CPU kernels (kernels/ferry_cpu.cc) against numpy, and the engine with them switched off.
+"""Ferry's CPU kernel (kernels/ferry_cpu.cc) against numpy, and the engine with it switched off.
 
-The kernels replace MindSpore's MatMul in decode launches and run every expert group, so each
-is checked at the shapes that exercise its remainders (rows not a multiple of the 4x3 register
-block, widths not a multiple of 8), and the whole engine is checked to give the oracle's logits
-both with the kernels and with MindSpore's own operators (FERRY_CPU_KERNELS=0).
+The kernel runs every expert group on the CPU, so it is checked at the shapes that exercise its
+remainders (rows not a multiple of the 4 x 3 register block, widths not a multiple of 8), and the
+whole engine is checked to give the oracle's logits both with the kernel and with MindSpore's own
+operators (FERRY_CPU_KERNELS=0), and the same logits with 1 or 2 kernel threads.
 """
 import json
 import os
@@ -35,15 +35,6 @@ print(json.dumps(np.concatenate(logits).tolist()))
 """
 
 
-class LinearOp(nn.Cell):
-    def __init__(self):
-        super().__init__()
-        self.op = cpu_kernel("FerryLinear", lambda x, w: [x[0], w[0]], lambda x, w: x)
-
-    def construct(self, x, w):
-        return self.op(x, w)
-
-
 class ExpertsOp(nn.Cell):
     def __init__(self):
         super().__init__()
@@ -57,30 +48,22 @@ def silu(v):
     return v / (1 + np.exp(-v))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9, 64])
-@pytest.mark.parametrize("out_features,in_features", [(1, 8), (5, 13), (66, 2048), (1027, 40)])
-def test_linear_matches_numpy(rows, out_features, in_features):
-    rng = np.random.default_rng(rows * 1000 + out_features)
-    x = rng.standard_normal((rows, in_features)).astype(np.float32)
-    w = rng.standard_normal((out_features, in_features)).astype(np.float32)
-    ours = LinearOp()(ms.Tensor(x), ms.Tensor(w)).asnumpy()
-    expected = x.astype(np.float64) @ w.T.astype(np.float64)
-    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5 * np.sqrt(in_features))
-
-
-@pytest.mark.parametrize("counts", [[1, 1, 1], [0, 5, 2], [7, 0, 7], [3, 7, 6]])
-def test_experts_match_numpy_and_skip_padding(counts):
-    hidden, intermediate, capacity = 24, 10, 7
+@pytest.mark.parametrize("hidden,intermediate,capacity,counts", [
+    (29, 10, 7, [1, 1, 1]), (29, 10, 7, [0, 5, 2]), (29, 10, 7, [7, 0, 7]), (29, 10, 7, [3, 7, 6]),
+    (256, 64, 70, [70, 1, 64]),  # more rows than one 64-row pass
+])
+def test_experts_match_numpy_and_skip_padding(hidden, intermediate, capacity, counts):
+    """Widths that are not multiples of the 8-lane vectors or of the 4 x 3 register block."""
     rng = np.random.default_rng(sum(counts))
-    x = rng.standard_normal((3, capacity, hidden)).astype(np.float32)
-    gate_up = [rng.standard_normal((2 * intermediate, hidden)).astype(np.float32) for _ in range(3)]
-    down = [rng.standard_normal((hidden, intermediate)).astype(np.float32) for _ in range(3)]
+    x = rng.standard_normal((len(counts), capacity, hidden)).astype(np.float32)
+    gate_up = [rng.standard_normal((2 * intermediate, hidden)).astype(np.float32) for _ in counts]
+    down = [rng.standard_normal((hidden, intermediate)).astype(np.float32) for _ in counts]
     ours = ExpertsOp()(ms.Tensor(x), ms.Tensor(np.array(counts, np.int32)),
                        *map(ms.Tensor, gate_up + down)).asnumpy()
     for g, count in enumerate(counts):
         both = x[g, :count].astype(np.float64) @ gate_up[g].T
         expected = (silu(both[:, :intermediate]) * both[:, intermediate:]) @ down[g].T
-        np.testing.assert_allclose(ours[g, :count], expected, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(ours[g, :count], expected, rtol=1e-4, atol=1e-4 * np.sqrt(hidden))
         assert not ours[g, count:].any(), f"slot {g}: padding rows past {count} must come out zero"
 
 
