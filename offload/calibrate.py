@@ -64,13 +64,14 @@ ASCEND_310P3_COST = LaunchCost(
 )
 
 
-# MindSpore 2.10 CPU backend, measured here (2 shared cores) on 2026-11-28 by
+# MindSpore 2.10 CPU backend with Ferry's expert kernel, measured here (2 cores) on 2026-11-28 by
 #   python -m bench.launch_cost
 # timing the expert-group graph at H=2048, I=512 (FP32 weights, 12.6 MB per expert) at
-# G in {1, 2, 4, 8} x C in {1, 4, 8, 32, 64}; fit rms relative residual 9%. Slots read expert
-# weights at ~15 GB/s. Not modelled: MatMul at C in 16..24 runs 2.5-3x slower than the fit
-# (a kernel quirk; see bench/launch_cost.py).
-CPU_COST = LaunchCost(launch_s=238e-6, slot_s=816e-6, slot_token_s=143e-6)
+# G in {1, 2, 4, 8} x C in {1, 4, 8, 32, 64} with every row real; fit rms relative residual 8%.
+# Slots read expert weights at ~30 GB/s. The kernel computes real rows only, so on the CPU the
+# slot-token term is paid per real token and padding costs nothing but its host copy; the model
+# charges padding at the full rate, which is what devices whose MatMul computes it pay.
+CPU_COST = LaunchCost(launch_s=946e-6, slot_s=425e-6, slot_token_s=75.9e-6)
 
 COSTS = {"cpu": CPU_COST, "ascend_310p3": ASCEND_310P3_COST}
 
