@@ -5,7 +5,8 @@
 For each prompt length: prefill tokens/s of Ferry (all experts resident) and of transformers eager
 (same checkpoint, threads and prompt), and Ferry's time to first token cold (a fresh process:
 engine load plus graph compilation plus prefill) and warm (graphs compiled). Each model runs in
-its own process.
+its own process; both run `--rounds` times, alternating, and the medians are printed (single runs
+swing by +-30% on shared machines).
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 1024])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--worker", choices=["ferry", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -77,16 +79,21 @@ def main() -> None:
     from bench.measure import run_worker
 
     print(f"checkpoint: {model_dir} ({args.layers} layers at real width, BF16 stored, FP32 compute)")
-    print(f"threads {args.threads}; Ferry prefill buckets {BUCKETS}")
+    print(f"threads {args.threads}; Ferry prefill buckets {BUCKETS}; medians of {args.rounds} alternating rounds")
     print()
     print(f"{'prompt':>7s}{'ferry tok/s':>13s}{'hf tok/s':>10s}{'ferry/hf':>10s}{'TTFT cold':>11s}"
           f"{'(load)':>8s}{'TTFT warm':>11s}{'same 1st token':>16s}")
     for length in args.lengths:
         common = ["--layers", str(args.layers), "--threads", str(args.threads), "--length", str(length)]
-        ferry = run_worker(Path(__file__), "--worker", "ferry", *common)
-        hf = run_worker(Path(__file__), "--worker", "transformers", *common)
-        ferry_rate, hf_rate = length / ferry["warm_s"], length / hf["warm_s"]
-        same = ferry["first_token"][0] == ferry["first_token"][1] == hf["first_token"]
+        ferry_runs, hf_runs = [], []
+        for _ in range(args.rounds):
+            ferry_runs.append(run_worker(Path(__file__), "--worker", "ferry", *common))
+            hf_runs.append(run_worker(Path(__file__), "--worker", "transformers", *common))
+        ferry = {key: float(np.median([run[key] for run in ferry_runs])) for key in ("cold_s", "load_s", "warm_s")}
+        hf_warm = float(np.median([run["warm_s"] for run in hf_runs]))
+        ferry_rate, hf_rate = length / ferry["warm_s"], length / hf_warm
+        same = all(run["first_token"] == [hf_runs[0]["first_token"]] * 2 for run in ferry_runs) and \
+            all(run["first_token"] == hf_runs[0]["first_token"] for run in hf_runs)
         print(f"{length:7d}{ferry_rate:13.1f}{hf_rate:10.1f}{ferry_rate / hf_rate:9.2f}x"
               f"{ferry['cold_s']:10.1f}s{ferry['load_s']:7.1f}s{ferry['warm_s']:10.2f}s{str(same):>16s}")
 
