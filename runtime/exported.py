@@ -11,6 +11,7 @@ import mindspore as ms
 from mindspore import nn
 
 from convert.artifact import Artifact
+from kernels.build import library
 from convert.manifest import ArtifactError, GraphRecord, TierRecord
 from offload.tiers import Tier
 
@@ -41,6 +42,9 @@ class ExportedGraphs:
     """Implements `runtime.graph_set.GraphSet` from an artifact's graph files."""
 
     def __init__(self, artifact: Artifact):
+        # expert-group graphs exported on the CPU call Ferry's kernel library by its cache path
+        # (named by the source hash): build it again if that cache was cleared since the export
+        library()
         self.artifact = artifact
         self.manifest = artifact.manifest
         self._loaded: dict[str, GraphLaunch] = {}

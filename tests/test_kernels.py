@@ -26,9 +26,12 @@ import json, sys
 import numpy as np
 from runtime.backend import configure
 configure()
-from runtime.build import engine_from_checkpoint
+from runtime.build import engine_from_artifact, engine_from_checkpoint
 from runtime.engine import Buckets
-engine = engine_from_checkpoint(sys.argv[1], buckets=Buckets((16,)), max_context=64)
+if sys.argv[3] == "artifact":
+    engine = engine_from_artifact(sys.argv[1])
+else:
+    engine = engine_from_checkpoint(sys.argv[1], buckets=Buckets((16,)), max_context=64)
 ids = json.loads(sys.argv[2])
 logits = [engine.forward(ids[:20], all_logits=True)] + [engine.forward(ids[n:n + 1])[None] for n in range(20, 24)]
 print(json.dumps(np.concatenate(logits).tolist()))
@@ -94,8 +97,9 @@ def tiny(tmp_path_factory):
     return model_dir, ids, reference
 
 
-def engine_logits(model_dir: Path, ids: list[int], **env: str) -> np.ndarray:
-    done = subprocess.run([sys.executable, "-c", RUN_ENGINE, str(model_dir), json.dumps(ids)],
+def engine_logits(model_dir: Path, ids: list[int], source: str = "checkpoint", **env: str) -> np.ndarray:
+    """Logits of a 20-token prefill and 4 decode steps, from a fresh process with `env` set."""
+    done = subprocess.run([sys.executable, "-c", RUN_ENGINE, str(model_dir), json.dumps(ids), source],
                           capture_output=True, text=True, env={**os.environ, **env},
                           cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -114,3 +118,20 @@ def test_kernel_results_do_not_depend_on_thread_count(tiny):
     two = engine_logits(model_dir, ids, FERRY_CPU_THREADS="2")
     np.testing.assert_array_equal(one, two)
     assert np.abs(two - reference).max() <= 1e-4
+
+
+def test_artifact_loads_after_the_kernel_cache_is_cleared(tiny, tmp_path):
+    """Exported expert-group graphs name the kernel library by path; loading rebuilds it there."""
+    model_dir, ids, reference = tiny
+    env = {"FERRY_CACHE": str(tmp_path / "cache")}
+    convert = subprocess.run([sys.executable, "-m", "convert", "--model-dir", str(model_dir), "--out",
+                              str(tmp_path / "artifact")], capture_output=True, text=True,
+                             env={**os.environ, **env}, cwd=Path(__file__).parents[1])
+    assert convert.returncode == 0, convert.stderr[-3000:]
+    built = list((tmp_path / "cache").rglob("*.so"))
+    assert built, "convert on the CPU exports expert groups that call the kernel library"
+    for library in built:
+        library.unlink()
+    ours = engine_logits(tmp_path / "artifact", ids, "artifact", **env)
+    assert list((tmp_path / "cache").rglob("*.so")), "the kernel library was not rebuilt"
+    assert np.abs(ours - reference).max() <= 1e-4
