@@ -92,8 +92,8 @@ def main() -> None:
         ferry = {key: float(np.median([run[key] for run in ferry_runs])) for key in ("cold_s", "load_s", "warm_s")}
         hf_warm = float(np.median([run["warm_s"] for run in hf_runs]))
         ferry_rate, hf_rate = length / ferry["warm_s"], length / hf_warm
-        same = all(run["first_token"] == [hf_runs[0]["first_token"]] * 2 for run in ferry_runs) and \
-            all(run["first_token"] == hf_runs[0]["first_token"] for run in hf_runs)
+        first_tokens = {t for run in ferry_runs for t in run["first_token"]} | {run["first_token"] for run in hf_runs}
+        same = len(first_tokens) == 1
         print(f"{length:7d}{ferry_rate:13.1f}{hf_rate:10.1f}{ferry_rate / hf_rate:9.2f}x"
               f"{ferry['cold_s']:10.1f}s{ferry['load_s']:7.1f}s{ferry['warm_s']:10.2f}s{str(same):>16s}")
 

@@ -54,12 +54,14 @@ class ExpertGroup(nn.Cell):
     On the CPU the whole group is one `FerryExperts` kernel call, which skips the padding rows.
     """
 
+    KERNEL: str | None = "FerryExperts"  # the CPU kernel for this storage format, if there is one
+
     def __init__(self, slots: int, intermediate: int):
         super().__init__()
         self.slots = slots
         self.intermediate = intermediate
         self.linear = Linear()
-        self.kernel = cpu_kernel("FerryExperts", lambda x, *shapes: x, lambda x, *dtypes: x)
+        self.kernel = cpu_kernel(self.KERNEL, lambda x, *shapes: x, lambda x, *dtypes: x) if self.KERNEL else None
         self.use_kernel = self.kernel is not None
 
     def construct(self, x, counts, *weights):
@@ -79,6 +81,8 @@ class ExpertGroupFP16(ExpertGroup):
     part of the launch; a device that computes in FP16 would drop it.
     """
 
+    KERNEL = None
+
     def construct(self, x, counts, *weights):
         outs = []
         for g in range(self.slots):
@@ -96,6 +100,8 @@ class ExpertGroupInt8(ExpertGroup):
     G `down_scale` [H]. A row's scale multiplies that row's dot products, so it is applied to the
     matmul output ([C, 2I], [C, H]) rather than to the weight: the same value, fewer multiplies.
     """
+
+    KERNEL = None
 
     def construct(self, x, counts, *weights):
         g_count = self.slots

@@ -173,7 +173,7 @@ extern "C" int FerryExperts(int nparam, void **params, int *, int64_t **shapes, 
   // gate and up rows i..i+3 in the same work item, so SwiGLU is applied as soon as both are known
   const int64_t gate_blocks = (I + kBlock - 1) / kBlock;
   WorkerPool::get().run(G * gate_blocks, kChunk, [&](int64_t begin, int64_t end) {
-    float gate[kBlock * 64], up[kBlock * 64];  // C <= 64 rows per pass
+    float gate[kBlock * 64], up[kBlock * 64];  // at most 64 rows of x per pass
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / gate_blocks, i = (item % gate_blocks) * kBlock;
       const int64_t count = I - i < kBlock ? I - i : kBlock;
