@@ -8,12 +8,15 @@
     python run.py --multirun tiers=default,coarse placement.expert_budget_gb=0.02,0.05
     python -m runtime.sweep_summary multirun/DATE/TIME     # that sweep as a table and a plot
 
-A run goes: config -> validated settings -> memory plan (refused when it does not fit) -> model
-directory (the demo is built, then converted, on first use) -> prompt checks -> engine (one of
-three builders, chosen in `build_engine`) -> warm-up (compiles or loads every graph shape) ->
-generation, streamed -> timings and counters on stdout, the whole record as metrics.json in the
-Hydra output directory (and in output_json=FILE when asked). A config mistake ends the run with
-one `error:` line and status 2; a model that is missing or does not fit, status 1.
+A run goes: config -> validated settings -> memory plan of both memories (refused when it does not
+fit) -> model directory (the demo is built on first use) -> prompt checks -> artifact (an HF
+directory is converted on first use into artifact_cache, keyed by its content and the convert
+options; an artifact directory is used as it is) -> engine over the artifact, experts where the
+plan's residence puts them (`offload.residence`) -> warm-up (compiles or loads every graph shape)
+-> generation, streamed -> timings, counters and planned against measured peak RSS on stdout, the
+whole record as metrics.json in the Hydra output directory (and in output_json=FILE when asked).
+A config mistake ends the run with one `error:` line and status 2; a model that is missing or does
+not fit, status 1.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from convert.manifest import MANIFEST_NAME
 from convert.spec import CheckpointError, ModelSpec
 from offload.tiers import TierSet
 from runtime import settings
-from runtime.plan import ALL, AUTO, DeviceProfile, MemoryPlan, Placement, plan_memory, size
+from runtime.plan import DeviceProfile, MemoryPlan, Placement, plan_memory, size
 from runtime.prompting import PromptSource, TextStream, apply_chat_template, prompt_source, shown
 from runtime.settings import ConfigError
 CONF = Path(__file__).resolve().parent / "conf"
@@ -52,47 +55,27 @@ def silent(*args, **kwargs) -> None:
     """`print` for multirun jobs, whose parallel output would interleave."""
 
 
-# ---- the one place run.py meets the engine builders ------------------------------------------------
+# ---- the one place run.py meets the engine builder -------------------------------------------------
 
-def uses_offload(plan: MemoryPlan, placement: Placement) -> bool:
-    """Whether the run needs the offload controller rather than every expert resident from the start."""
-    return (placement.expert_budget_gb not in (AUTO, ALL) or not plan.all_resident or placement.prefetch
-            or placement.host_compute != "never")
-
-
-def build_engine(model_dir: Path | None, artifact: Path | None, spec: ModelSpec, plan: MemoryPlan,
-                 placement: Placement, tiers, buckets, max_context: int, device: DeviceProfile):
-    """The engine for a run, from `runtime.build`, and which builder made it:
-    - `offload`: any expert budget, prefetch or host compute, or `auto` without room for every expert:
-      `engine_with_offload` over the HF checkpoint, with the slot pool the memory plan sized, the
-      eviction policy, prefetch, and host compute as the CPU/NPU split;
-    - `artifact`: a `python -m convert` output, every expert mapped: `engine_from_artifact`;
-    - `checkpoint`: the HF checkpoint, every expert resident, Cells compiled here: `engine_from_checkpoint`."""
+def build_engine(artifact: Path, spec: ModelSpec, plan: MemoryPlan):
+    """The run's engine over its artifact, with the experts where the memory plan's residence puts them
+    (`offload.residence`: every expert resident, or a slot pool streamed from the store), and its name."""
     from runtime import build  # MindSpore loads here: plans and config errors stay fast
 
-    if uses_offload(plan, placement):
-        from offload.budget import BudgetError
-        from offload.placement import from_host_compute
-
-        try:
-            return build.engine_with_offload(
-                model_dir, budget_bytes=plan.slots * plan.expert_bytes, policy=placement.policy,
-                prefetch=placement.prefetch, placement=from_host_compute(placement.host_compute), tiers=tiers,
-                buckets=buckets, max_context=max_context, device_memory_bytes=device.memory_bytes), "offload"
-        except BudgetError as err:
-            raise CannotRun(f"expert budget: {err}") from None
-    if artifact is not None:
-        return build.engine_from_artifact(artifact, expect=spec), "artifact"
-    return build.engine_from_checkpoint(model_dir, tiers, buckets, max_context), "checkpoint"
+    try:
+        engine = build.engine_from_artifact(artifact, plan.residence, expect=spec)
+    except ValueError as err:
+        raise CannotRun(f"expert slots: {err}") from None
+    return engine, "streamed" if plan.residence.streams else "resident"
 
 
-def counters(engine, offloaded: bool) -> dict:
+def counters(engine, streamed: bool) -> dict:
     """Everything the engine counted, as JSON: launches per tier, and the offload controller's
     hits, misses, bytes streamed and stall per layer when it ran."""
     c = engine.dispatcher.counters
     tiers = [{"capacity": t.capacity, "group": t.group, "launches": c.launches[i], "tokens": c.tokens[i],
               "padding": c.padding[i]} for i, t in enumerate(engine.dispatcher.tiers)]
-    offload = engine.dispatcher.stats.to_dict() if offloaded else None
+    offload = engine.dispatcher.stats.to_dict() if streamed else None
     routed = sum(c.tokens) + c.host_tokens  # every (token, expert) row, on the device or the host
     return {"dispatch": {"tiers": tiers, "expert_tokens": routed}, "offload": offload}
 
@@ -100,6 +83,23 @@ def counters(engine, offloaded: bool) -> dict:
 def reset_counters(engine) -> None:
     """After the warm-up: count the measured run alone (slots it loaded stay loaded)."""
     engine.dispatcher.stats.reset()
+
+
+def reset_peak_rss() -> None:
+    """Start the peak-RSS count afresh (Linux: writing 5 to clear_refs resets VmHWM), so that a convert
+    done by this process before the run does not count as the run's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM: the largest resident set since the last reset."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 # ---- model ------------------------------------------------------------------------------------------
@@ -135,9 +135,9 @@ def missing_weights(model: DictConfig, path: Path) -> CannotRun:
         f"     (huggingface_hub's CLI, on a machine with network), or pass model.path=DIR for a copy elsewhere.",
         f"  2. Run it:  python run.py +model={model.name} model.path={path}",
         f"     (on the CPU, with placement.expert_budget_gb=N when every expert does not fit: see mode=plan)",
-        f"  3. Or convert it once to exported graphs and an expert store, and run that:",
+        f"     (run.py converts it on first use into artifact_cache; to convert it elsewhere first:",
         f"       python -m convert --model-dir {path} --out {path}-ferry --dtype fp16",
-        f"       python run.py +model={model.name} model.path={path} model.artifact={path}-ferry",
+        f"       python run.py +model={model.name} model.path={path}-ferry)",
     ]))
 
 
@@ -251,6 +251,7 @@ class Run:
     tiers: TierSet
     buckets: tuple[int, ...]
     max_context: int
+    expert_dtype: str  # the artifact's expert storage (the device's default for one still to convert)
 
 
 def validated(cfg: DictConfig) -> Run:
@@ -266,17 +267,36 @@ def validated(cfg: DictConfig) -> Run:
     if not cfg.get("tiers"):
         raise ConfigError("tiers is empty: choose tiers=default|fine|coarse or write conf/tiers/NAME.yaml")
     tiers = settings.tier_set(cfg.tiers, spec)
-    if artifact is not None:  # its graphs were exported for its own tiers, buckets and context
+    expert_dtype = device.expert_dtype
+    if artifact is not None:  # its graphs were exported for its own tiers, buckets, context and storage
         manifest = artifact_manifest(artifact)
         tiers = settings.tier_set([{"capacity": t.capacity, "group": t.group} for t in manifest.tiers], spec)
         buckets, max_context = tuple(manifest.buckets), manifest.max_context
-    return Run(model, spec, model_dir, artifact, device, placement, tiers, buckets, max_context)
+        expert_dtype = manifest.experts.dtype
+    return Run(model, spec, model_dir, artifact, device, placement, tiers, buckets, max_context, expert_dtype)
+
+
+def memory_plan(r: Run) -> MemoryPlan:
+    return plan_memory(r.spec, r.device, r.placement, r.max_context, r.buckets[-1], r.tiers, r.model.name,
+                       r.expert_dtype)
 
 
 def plan_mode(r: Run) -> int:
-    plan = plan_memory(r.spec, r.device, r.placement, r.max_context, r.buckets[-1], r.tiers, r.model.name)
+    plan = memory_plan(r)
     print(plan.format())
     return 0 if plan.fits else 1
+
+
+def convert_options(r: Run):
+    """The options an HF checkpoint is converted with for this run: its tiers, buckets, context, storage."""
+    from convert.manifest import TierRecord
+    from convert.pipeline import ConvertOptions
+
+    try:
+        return ConvertOptions(r.expert_dtype, tuple(TierRecord(t.capacity, t.group) for t in r.tiers), r.buckets,
+                              r.max_context)
+    except ValueError as err:
+        raise ConfigError(f"convert options from tiers, prefill_buckets and max_context: {err}") from None
 
 
 def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
@@ -293,17 +313,13 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
     if r.placement.policy == "belady":
         raise ConfigError("placement.policy=belady needs the requests of the future: it is the offline yardstick "
                           "of bench/offload.py on recorded traces; choose lru, lfu or decay for a run")
-    plan = plan_memory(r.spec, r.device, r.placement, r.max_context, r.buckets[-1], r.tiers, r.model.name)
+    plan = memory_plan(r)
     if not plan.fits:
         print(plan.format())
         raise CannotRun(f"this run does not fit {r.device.name}: {plan.problems[0]}")
-    offloaded = uses_offload(plan, r.placement)
+    options = convert_options(r) if r.artifact is None else None
 
     model_dir, artifact = r.model_dir, r.artifact
-    if offloaded and r.model.kind != "demo" and model_dir is None:
-        raise ConfigError("an expert budget, prefetch or host compute stream experts from the HF checkpoint "
-                          "(engine_with_offload), and this run has only an artifact: give model.path=HF_DIR, "
-                          "or placement=resident to run the artifact with every expert mapped")
     if r.model.kind == "demo":
         from runtime.demo import ensure_demo
 
@@ -314,20 +330,12 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
             + str(model_dir))
     else:
         say(f"model     {r.model.name}: {model_dir or artifact}")
-        if offloaded and artifact is not None:
-            say(f"note      experts stream from the HF checkpoint, so the artifact {artifact} is not used")
-            artifact = None
-        elif artifact is not None:
-            say(f"artifact  {artifact}: its tiers, prefill buckets and max_context ({r.max_context}) apply")
     kinds = r.spec.layer_types
     say(f"          {r.spec.num_layers} layers ({kinds.count('linear_attention')} DeltaNet + "
         f"{kinds.count('full_attention')} attention), {r.spec.num_experts} experts top-{r.spec.num_experts_per_tok}, "
         f"hidden {r.spec.hidden_size}, vocab {r.spec.vocab_size}")
-    pool = (f"all {plan.total_experts} experts resident" if not offloaded else
-            f"{plan.slots} of {plan.total_experts} expert slots ({size(plan.slots * plan.expert_bytes)}), "
-            f"policy {r.placement.policy}, prefetch {'on' if r.placement.prefetch else 'off'}, "
-            f"host compute {r.placement.host_compute}")
-    say(f"plan      {size(plan.total)} of {size(r.device.memory_bytes)} on {r.device.name}, {pool}: fits")
+    say(f"plan      {size(plan.total)} of {size(r.device.memory_bytes)} on {r.device.name}, "
+        f"{plan.residence.describe()} ({r.expert_dtype}, {size(plan.expert_bytes)} each): fits")
 
     from runtime.tokenizer import load_tokenizer
 
@@ -346,42 +354,54 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
     from runtime.engine import Buckets  # MindSpore loads from here on: every check above answers fast
 
     try:
-        buckets = Buckets(r.buckets)  # adds its own check: the DeltaNet chunk
+        Buckets(r.buckets)  # adds its own check: the DeltaNet chunk
     except ValueError as err:
         raise ConfigError(f"prefill_buckets: {err}") from None
     from runtime.backend import configure
     from runtime.generate import generate
 
     configure(r.device.backend, cfg.device.get("threads"))
-    if r.model.kind == "demo" and r.model.get("convert") and not offloaded:
-        from runtime.demo import ensure_artifact
+    if artifact is None:
+        from convert.cache import NoRoomError, cached_artifact
 
-        converted = ensure_artifact(model_dir, r.model.cache_dir, r.tiers, r.buckets, r.max_context)
+        try:
+            converted = cached_artifact(model_dir, Path(str(cfg.artifact_cache)), options, progress=not quiet,
+                                        say=say)
+        except NoRoomError as err:
+            raise CannotRun(str(err)) from None
         artifact = converted.path
-        say("artifact  " + (f"converted now in {converted.seconds:.1f} s (python -m convert's pipeline): "
-                            if converted.built_now else "cached: ") + str(artifact))
+        say("artifact  " + (f"converted now in {converted.seconds:.1f} s: " if converted.built_now else "cached: ")
+            + str(artifact))
+    else:
+        say(f"artifact  {artifact}: its tiers, prefill buckets, max_context ({r.max_context}) and "
+            f"{r.expert_dtype} experts apply")
+    reset_peak_rss()
     t0 = time.perf_counter()
-    engine, route = build_engine(model_dir, artifact, r.spec, plan, r.placement, r.tiers, buckets, r.max_context,
-                                 r.device)
+    engine, route = build_engine(artifact, r.spec, plan)
+    streamed = plan.residence.streams
     build_s = time.perf_counter() - t0
     warmup_s = 0.0
-    if cfg.warmup:
-        t0 = time.perf_counter()
-        generate(engine, ids, min(2, max_new), sampling)
-        warmup_s = time.perf_counter() - t0
-        reset_counters(engine)
-    say(f"engine    {route}, built in {build_s:.1f} s" + (
-        f"; graphs compiled or loaded by a warm-up run in {warmup_s:.1f} s" if cfg.warmup
-        else " (no warm-up: the first token includes compiling)"))
-    say("-" * 72)
-    stream = TextStream(tokenizer) if tokenizer is not None and cfg.stream and not quiet else None
+    try:
+        if cfg.warmup:
+            t0 = time.perf_counter()
+            generate(engine, ids, min(2, max_new), sampling)
+            warmup_s = time.perf_counter() - t0
+            reset_counters(engine)
+        say(f"engine    {route}, built in {build_s:.1f} s" + (
+            f"; graphs compiled or loaded by a warm-up run in {warmup_s:.1f} s" if cfg.warmup
+            else " (no warm-up: the first token includes compiling)"))
+        say("-" * 72)
+        stream = TextStream(tokenizer) if tokenizer is not None and cfg.stream and not quiet else None
 
-    def on_token(token: int) -> None:
-        if stream is not None:
-            sys.stdout.write(shown(stream.push(token)))
-            sys.stdout.flush()
+        def on_token(token: int) -> None:
+            if stream is not None:
+                sys.stdout.write(shown(stream.push(token)))
+                sys.stdout.flush()
 
-    result = generate(engine, ids, max_new, sampling, on_token=on_token)
+        result = generate(engine, ids, max_new, sampling, on_token=on_token)
+    finally:
+        engine.close()
+    peak = peak_rss_bytes()
     out_text = tokenizer.decode(result.token_ids, skip_special_tokens=False) if tokenizer is not None else None
     if stream is not None:
         say(shown(stream.flush()))
@@ -394,21 +414,21 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
         "decode_s": result.decode_time, "decode_tokens_per_s": result.decode_tokens_per_s,
         "generated_tokens": len(result.token_ids), "wall_s": time.perf_counter() - started,
     }
-    table = engine.dispatcher.stats.table() if offloaded else None
+    table = engine.dispatcher.stats.table() if streamed else None
     return {
         "model": {"name": r.model.name, "path": str(model_dir) if model_dir else None,
-                  "artifact": str(artifact) if artifact else None, "demo": r.model.kind == "demo",
-                  "spec": r.spec.to_dict()},
+                  "artifact": str(artifact), "demo": r.model.kind == "demo", "spec": r.spec.to_dict()},
         "engine": route,
         "settings": {
             "device": r.device.name, "placement": asdict(r.placement),
             "tiers": [{"capacity": t.capacity, "group": t.group} for t in r.tiers],
             "prefill_buckets": list(r.buckets), "max_context": r.max_context, "max_new_tokens": max_new,
+            "expert_dtype": r.expert_dtype,
             "sampling": asdict(sampling), "chat": bool(cfg.chat), "warmup": bool(cfg.warmup),
         },
         "prompt_origin": source.origin, "prompt_ids": ids, "generated_ids": result.token_ids, "text": out_text,
-        "stopped_on_eos": result.stopped_on_eos, "timings": timings, "counters": counters(engine, offloaded),
-        "plan": plan.to_dict(),
+        "stopped_on_eos": result.stopped_on_eos, "timings": timings, "counters": counters(engine, streamed),
+        "plan": plan.to_dict(), "memory": {"planned_bytes": plan.total, "peak_rss_bytes": peak},
     }, table
 
 
@@ -419,6 +439,9 @@ def report(record: dict, offload_table: str | None, cfg: DictConfig, quiet: bool
     say(f"timings   time to first token {t['ttft_s'] * 1e3:.0f} ms (prefill of {len(record['prompt_ids'])} tokens), "
         f"decode {t['decode_tokens_per_s']:.1f} tokens/s over {t['generated_tokens']} tokens (stopped at {stop}), "
         f"{t['wall_s']:.1f} s in run.py")
+    memory = record["memory"]
+    say(f"memory    planned {size(memory['planned_bytes'])}, measured peak RSS {size(memory['peak_rss_bytes'])} "
+        f"({memory['peak_rss_bytes'] / memory['planned_bytes']:.2f}x the plan; since the engine was built)")
     if record["counters"]["offload"] is None:
         say(counters_table(record["counters"]))
     else:

@@ -5,7 +5,8 @@
 
 How the routing trace is produced: a random checkpoint (`convert.synthetic`, FP32, seed 0) with
 Qwen3.6-35B-A3B's layer widths (hidden 2048, 256 experts of intermediate 512, top-8, one DeltaNet
-and one full-attention layer, small vocabulary) runs through `engine_with_offload`: a 32-token
+and one full-attention layer, small vocabulary), converted once to an FP32 artifact, streams through
+the offload controller (`runtime.build.engine_from_artifact` with a slot pool): a 32-token
 random prompt, then `--decode` tokens sampled at temperature 1 (seed 0). Every decode step's
 router top-k per layer is recorded, with the prefetcher's guess for the next layer (the next
 router applied to this layer's MoE input). Random weights route less predictably than a trained
@@ -16,8 +17,8 @@ Part 1 replays the decode trace through the slot pool (no copies, no model) for 
 budget: bytes streamed per decoded token, as a ratio to Belady's (offline optimal) at that budget,
 without and with prefetch. Part 2 runs the real engine on this CPU for each policy at two budgets:
 wall time per decoded token and the fraction of it spent stalled (launches waiting for copies),
-and LRU with `auto` placement (misses computed on the host when measured costs say so). The
-block file is mapped with `store_populate=True` so that copies do not pay first-touch faults.
+and LRU with `auto` placement (misses computed on the host when measured costs say so). Blocks
+are read from the artifact's `experts.bin` with `pread` (from the page cache after the first run).
 On MindSpore's CPU backend the "device" slots are host RAM: a copy and the expert matmuls both
 stream DRAM, so overlap gains little here; on a 310P3 the copy is PCIe DMA, beside the compute.
 """
@@ -34,17 +35,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from convert.checkpoint import Checkpoint  # noqa: E402
+from convert.artifact import Artifact  # noqa: E402
+from convert.cache import cached_artifact  # noqa: E402
+from convert.manifest import TierRecord  # noqa: E402
+from convert.pipeline import ConvertOptions  # noqa: E402
 from convert.spec import ModelSpec  # noqa: E402
 from convert.synthetic import write_random_checkpoint  # noqa: E402
-from offload.host_store import BlockLayout  # noqa: E402
 from offload.placement import limit_blas_threads  # noqa: E402
 from offload.policies import make_policy  # noqa: E402
 from offload.prefetch import RouterPredictor  # noqa: E402
+from offload.residence import Residence  # noqa: E402
 from offload.slots import SlotPool  # noqa: E402
 from runtime.backend import configure  # noqa: E402
-from runtime.build import engine_with_offload  # noqa: E402
-from runtime.engine import Buckets  # noqa: E402
+from runtime.build import engine_from_artifact  # noqa: E402
+from runtime.plan import expert_block_bytes  # noqa: E402
 from runtime.sampling import Sampler, Sampling  # noqa: E402
 
 POLICIES = ("lru", "lfu", "decay", "belady")
@@ -144,13 +148,13 @@ def part_one(rec: Recording, spec: ModelSpec, budgets: list[int], block: int) ->
           f"{100 * hits / max(guesses, 1):.0f}% of guessed experts were routed to")
 
 
-def part_two(model_dir: Path, store: Path, spec: ModelSpec, budgets: list[int], decode: int,
-             buckets: Buckets) -> None:
+def part_two(artifact: Path, spec: ModelSpec, budgets: list[int], decode: int) -> None:
     print(f"\n== Part 2: real runs on this CPU, {decode} decode tokens after a 4-token warm-up ==")
     print("stalled = time launches waited for expert copies / wall time of the decode steps")
     print(f"{'slots':>6} {'GiB':>6} {'policy':>8} {'prefetch':>8} {'ms/token':>9} {'stalled':>8} {'hit%':>5} "
           f"{'MB/token':>9} {'pf hit':>7} {'pf waste':>8} {'host/token':>10}")
-    block = BlockLayout.for_spec(spec).nbytes
+    block = expert_block_bytes(spec, "fp32")
+    total_experts = spec.num_layers * spec.num_experts
     requests = None  # the pool's request sequence, the same for every budget and policy: Belady's future
     # every policy without and with prefetch, then LRU with `auto` host compute (the CPU/NPU split)
     variants = [(policy, prefetch, None) for policy in POLICIES for prefetch in (False, True)]
@@ -158,9 +162,8 @@ def part_two(model_dir: Path, store: Path, spec: ModelSpec, budgets: list[int], 
     for slots in budgets:
         for policy, prefetch, placement in variants:
             kwargs = {"policy_kwargs": {"trace": requests}} if policy == "belady" else {}
-            engine = engine_with_offload(model_dir, budget_bytes=slots * block, policy=policy, prefetch=prefetch,
-                                         placement=placement, store="mmap", store_path=store, store_populate=True,
-                                         buckets=buckets, max_context=512, record_requests=requests is None, **kwargs)
+            residence = Residence(slots, total_experts, policy, prefetch, placement or {})
+            engine = engine_from_artifact(artifact, residence, record_requests=requests is None, **kwargs)
             try:
                 decode_tokens(engine, 4, seed=1)  # warm-up: compile, fault the slot pages in
                 seconds = decode_tokens(engine, decode, seed=0)
@@ -201,16 +204,15 @@ def main() -> None:
         start = time.perf_counter()
         write_random_checkpoint(spec, model_dir, dtype="F32", seed=0)
         print(f"wrote {model_dir} in {time.perf_counter() - start:.0f} s")
-    store = args.cache / f"experts-{tag}.bin"
-    block = BlockLayout.for_spec(spec).nbytes
-    total = spec.num_layers * spec.num_experts
     k = spec.num_experts_per_tok
-    buckets = Buckets((PROMPT,))
-    checkpoint = Checkpoint(model_dir)
-    predictor = RouterPredictor([checkpoint.layer_weights(i)["router"] for i in range(spec.num_layers)], k)
+    tiers = (TierRecord(1, k), TierRecord(8, 4), TierRecord(64, 2))
+    artifact = cached_artifact(model_dir, args.cache / "artifacts", ConvertOptions("fp32", tiers, (PROMPT,), 512)).path
+    block = expert_block_bytes(spec, "fp32")
+    total = spec.num_layers * spec.num_experts
+    dense = Artifact.open(artifact)
+    predictor = RouterPredictor([dense.layer_weights(i)["router"] for i in range(spec.num_layers)], k)
     start = time.perf_counter()
-    engine = engine_with_offload(model_dir, budget_bytes=total // 4 * block, store="mmap", store_path=store,
-                                 store_populate=True, buckets=buckets, max_context=512)
+    engine = engine_from_artifact(artifact, Residence(total // 4, total))
     rec = record(engine, predictor, args.decode, seed=0)
     engine.close()
     del engine
@@ -218,7 +220,7 @@ def main() -> None:
     print(f"recorded {len(rec.experts)} decode steps in {time.perf_counter() - start:.0f} s")
     replay_budgets = sorted({k, 2 * k, 4 * k, total // 8, total // 4, total // 2})
     part_one(rec, spec, [b for b in replay_budgets if b <= total], block)
-    part_two(model_dir, store, spec, sorted({2 * k, total // 4}), args.run_decode, buckets)
+    part_two(artifact, spec, sorted({2 * k, total // 4}), args.run_decode)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -75,31 +76,38 @@ def spec_differences(found: ModelSpec, expected: ModelSpec) -> list[str]:
 
 
 class ExpertStoreReader:
-    """The expert store mapped read-only; one block's arrays as views, its checksum on request.
+    """The expert store: blocks read into slots with one `pread` each, or mapped read-only in place.
 
-    Also an `offload.host_store.ExpertStore` (`layout`, `num_layers`, `num_experts`, `expert_block`),
-    so the offload controller can stream from an artifact; `expert_block` checks a block's SHA-256
-    the first time it is read."""
+    The offload controller's host store (`offload.offloaded.BlockSource`): `parts`, `block_bytes`,
+    `num_layers`, `num_experts` and `read_into`, which copies a block's bytes into a slot buffer,
+    the host-to-device copy of a stream. Reading with `pread` rather than through the map keeps
+    streamed blocks out of this process's resident set: the page cache holds them, and the OS may
+    drop them, so a run's RSS is its slots, not the store it has touched. Fully resident runs use
+    `arrays` (views of the map). A block's SHA-256 is checked the first time it is read either way."""
 
     def __init__(self, path: Path, record: ExpertStoreRecord, num_layers: int, num_experts: int):
         self.path, self.record = path, record
         self.parts = record.parts
+        self.block_bytes = record.block_bytes
         self.num_layers, self.num_experts = num_layers, num_experts
         self.blocks = {(b.layer, b.expert): b for b in record.blocks}
         self._map = _map(path)
+        self._fd = os.open(path, os.O_RDONLY)
         self.verified: set[tuple[int, int]] = set()
 
-    @property
-    def layout(self):
-        from offload.host_store import BlockLayout
-
-        return BlockLayout(tuple(p.shape for p in self.parts), tuple(p.dtype for p in self.parts))
-
-    def expert_block(self, layer: int, expert: int) -> tuple[np.ndarray, ...]:
-        """The block's arrays in the order the expert-group graph takes them, checksum checked once."""
-        self.verify_once(layer, expert)
-        arrays = self.arrays(layer, expert)
-        return tuple(arrays[p.name] for p in self.parts)
+    def read_into(self, layer: int, expert: int, out: np.ndarray) -> None:
+        """Copy block (layer, expert) into `out` (uint8, `block_bytes`), checking it on its first read."""
+        block = self._block(layer, expert)
+        view = memoryview(out)
+        done = 0
+        while done < self.block_bytes:
+            count = os.preadv(self._fd, [view[done:self.block_bytes]], block.offset + done)
+            if count <= 0:
+                raise ChecksumError(f"{self.path}: block of layer {layer}, expert {expert} ends early "
+                                    f"(read {done} of {self.block_bytes} bytes): truncated")
+            done += count
+        if (layer, expert) not in self.verified:
+            self._check(layer, expert, view[: self.block_bytes])
 
     def _block(self, layer: int, expert: int):
         block = self.blocks.get((layer, expert))
@@ -107,7 +115,7 @@ class ExpertStoreReader:
             raise IndexError(f"{self.path}: no block for layer {layer} expert {expert}")
         return block
 
-    def block_bytes(self, layer: int, expert: int) -> memoryview:
+    def block_bytes_of(self, layer: int, expert: int) -> memoryview:
         """The block's `block_bytes` bytes, in place: what a copy to the device moves."""
         block = self._block(layer, expert)
         return memoryview(self._map)[block.offset : block.offset + self.record.block_bytes]
@@ -122,8 +130,11 @@ class ExpertStoreReader:
         }
 
     def verify(self, layer: int, expert: int) -> None:
+        self._check(layer, expert, self.block_bytes_of(layer, expert))
+
+    def _check(self, layer: int, expert: int, content) -> None:
         block = self._block(layer, expert)
-        digest = hashlib.sha256(self.block_bytes(layer, expert)).hexdigest()
+        digest = hashlib.sha256(content).hexdigest()
         if digest != block.sha256:
             raise ExpertChecksumError(
                 f"{self.path}: expert block of layer {layer}, expert {expert} (bytes {block.offset}.."

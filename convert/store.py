@@ -176,9 +176,9 @@ def encode_expert(dtype: str, gate_up: np.ndarray, down: np.ndarray, totals: _Re
 
 def decode_block(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """FP32 gate_up and down from a block's arrays (dequantised for int8): what the graph computes with."""
-    gate_up = arrays["gate_up"].astype(np.float32)
-    down = arrays["down"].astype(np.float32)
-    if "gate_up_scale" in arrays:
+    gate_up = arrays["gate_up"].astype(np.float32, copy=False)  # fp32: the stored arrays themselves
+    down = arrays["down"].astype(np.float32, copy=False)
+    if "gate_up_scale" in arrays:  # int8: astype made copies, scaled in place
         gate_up *= arrays["gate_up_scale"][:, None]
         down *= arrays["down_scale"][:, None]
     return gate_up, down

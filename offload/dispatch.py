@@ -51,9 +51,6 @@ class ExpertDispatcher:
         self.placement = placement or Placement()
         if self.placement.uses_host and host_store is None:
             raise ValueError("a placement that computes experts on the host needs the host expert store")
-        dtypes = tuple(getattr(getattr(host_store, "layout", None), "dtypes", ("float32", "float32")))
-        if self.placement.uses_host and dtypes != ("float32", "float32"):
-            raise ValueError(f"host compute reads float32 gate_up and down blocks; this store holds {dtypes}")
         self.host_store = host_store
         self.prefetcher = prefetcher
         self.stats = stats or OffloadCounters.create(spec.num_layers, tiers)
@@ -80,7 +77,8 @@ class ExpertDispatcher:
             self._launch(layer, launch, x, order, starts, scale, out, k, hint=i == len(launches) - 1)
         for expert in on_host:
             rows = order[starts[expert] : starts[expert] + loads[expert]]  # flat (token, choice) indices
-            y = host_expert(x[rows // k], *self.host_store.expert_block(layer, expert))  # [rows, H]
+            self.host_store.verify_once(layer, expert)
+            y = host_expert(x[rows // k], self.host_store.arrays(layer, expert))  # [rows, H]
             out[rows // k] += y * scale[rows, None]
             self.stats.layers[layer].host_experts += 1
             self.stats.layers[layer].host_tokens += len(rows)

@@ -2,10 +2,13 @@
 
 Legend: S slots, H hidden, I expert width; a key is `(layer, expert)`.
 
-The slots are allocated once, at start: one page-aligned buffer per block array (`[S, 2I, H]` and
-`[S, H, I]`), each slot wrapped once as a MindSpore tensor (`Tensor.from_numpy` shares the
-buffer, and graphs read whatever the buffer holds when they run). Streaming an expert is a copy of
-its block into its slot's buffers; nothing is allocated per token. `SlotPool` decides which key
+The slots are allocated once, at start: one page-aligned buffer `[S, stride]` of bytes, each row
+one block in the artifact's block format (`convert.store`: the parts of one slot of the
+expert-group graph for the store's dtype, fp32, fp16 or int8 with its scales, at their offsets),
+and each part of each slot wrapped once as a MindSpore tensor (`Tensor.from_numpy` shares the
+buffer, and graphs read whatever the buffer holds when they run). Streaming an expert is one read
+of its block's bytes into its slot (`BlockSource.read_into`); nothing is converted, nothing is
+allocated per token. `SlotPool` decides which key
 lives in which slot and what to evict; this class does the copies, counts, and makes the
 prefetcher's background copies safe:
 
@@ -19,7 +22,7 @@ prefetcher's background copies safe:
 Why a thread and `threading.Event`s rather than MindSpore's streams: in MindSpore 2.10 on the CPU
 backend, `mindspore.runtime.Stream()` hands back the one CPU stream (logging "CPU device is not
 supported"), `Event()` is not supported, and `Tensor.pin_memory()` fails without the Ascend plugin.
-A numpy copy releases the GIL, so the thread copies while a graph runs. On Ascend, the same
+A `pread` releases the GIL, so the thread copies while a graph runs. On Ascend, the same
 ordering would be a copy stream plus an event per slot, from pinned host blocks.
 
 Belady's policy needs the future request sequence: `record_requests=True` keeps the keys each
@@ -27,17 +30,51 @@ launch requested (what the pool saw), to replay in a second run.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import mindspore as ms
 
 from offload.counters import OffloadCounters
-from offload.host_store import ExpertStore, aligned_empty
 from offload.policies import EvictionPolicy, Key
 from offload.slots import SlotPool
+
+PAGE = 4096
+
+
+class BlockSource(Protocol):
+    """Where streamed blocks come from: the artifact's expert store (`convert.artifact.ExpertStoreReader`).
+
+    `parts` are `convert.manifest.BlockPart`s (name, dtype, shape, offset): one slot's inputs of the
+    expert-group graph, in the order the graph takes them."""
+
+    parts: tuple
+    block_bytes: int
+    num_layers: int
+    num_experts: int
+
+    def read_into(self, layer: int, expert: int, out: np.ndarray) -> None: ...
+
+
+def aligned_empty(shape: Sequence[int], dtype: str = "float32", align: int = PAGE) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an `align`-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def slot_buffers(source: BlockSource, count: int) -> tuple[np.ndarray, list[tuple[np.ndarray, ...]]]:
+    """`count` page-aligned block buffers [count, stride] and, per slot, its parts as array views."""
+    stride = -(-source.block_bytes // PAGE) * PAGE
+    buffer = aligned_empty((count, stride), "uint8")
+    views = [tuple(buffer[s, p.offset : p.offset + p.nbytes].view(p.dtype).reshape(p.shape) for p in source.parts)
+             for s in range(count)]
+    return buffer, views
 
 
 class _Observed(EvictionPolicy):
@@ -63,21 +100,17 @@ class _Observed(EvictionPolicy):
 class OffloadedExperts:
     """`ExpertWeights` provider over `num_slots` device slots filled from `store`."""
 
-    def __init__(self, store: ExpertStore, num_slots: int, policy: EvictionPolicy,
+    def __init__(self, store: BlockSource, num_slots: int, policy: EvictionPolicy,
                  counters: OffloadCounters | None = None, record_requests: bool = False):
         self.store = store
-        self.layout = store.layout
         self.num_slots = num_slots
-        self.block_bytes = store.layout.nbytes
+        self.block_bytes = store.block_bytes
+        self.parts = len(store.parts)
         self.counters = counters or OffloadCounters.create(store.num_layers, ())
         self.requests: list[Key] | None = [] if record_requests else None
-        self.buffers = [aligned_empty((num_slots, *shape), dtype)
-                        for shape, dtype in zip(self.layout.shapes, self.layout.dtypes)]
-        for buffer in self.buffers:
-            buffer.fill(0)  # fault every page in now rather than during the first streams
-        self._slot_arrays = [tuple(b[s] for b in self.buffers) for s in range(num_slots)]
+        self.buffer, self._slot_arrays = slot_buffers(store, num_slots)
+        self.buffer.fill(0)  # fault every page in now rather than during the first streams
         self._slot_tensors = [tuple(ms.Tensor.from_numpy(a) for a in arrays) for arrays in self._slot_arrays]
-        self._copy_block = getattr(store, "copy_block", None)
         self._lock = threading.Lock()
         self._ready = [threading.Event() for _ in range(num_slots)]
         for event in self._ready:
@@ -93,7 +126,7 @@ class OffloadedExperts:
     # --- the provider interface -----------------------------------------------------------------
 
     def launch_weights(self, layer: int, experts: Sequence[int]) -> tuple:
-        """Slot tensors for one launch: G gate_up, then G down (one per block array, G each)."""
+        """Slot tensors for one launch, part by part: G gate_up, G down (int8: then G of each scale)."""
         keys = [(layer, int(e)) for e in experts]
         unique = list(dict.fromkeys(keys))
         counts = self.counters.layers[layer]
@@ -120,7 +153,7 @@ class OffloadedExperts:
         counts.stall_s += stall
         self._raise_if_failed()
         per_slot = [self._slot_tensors[slots[key]] for key in keys]
-        return tuple(tensors[a] for a in range(len(self.buffers)) for tensors in per_slot)
+        return tuple(tensors[a] for a in range(self.parts) for tensors in per_slot)
 
     def is_resident(self, layer: int, expert: int) -> bool:
         """In a slot (or being copied into one by a prefetch)."""
@@ -180,12 +213,7 @@ class OffloadedExperts:
             self.counters.layers[key[0]].prefetch_wasted += 1
 
     def _copy(self, key: Key, slot: int) -> None:
-        out = self._slot_arrays[slot]
-        if self._copy_block is not None:
-            self._copy_block(key[0], key[1], out)
-            return
-        for dst, src in zip(out, self.store.expert_block(*key)):
-            np.copyto(dst, src)
+        self.store.read_into(key[0], key[1], self.buffer[slot])
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

@@ -14,8 +14,10 @@ to MindSpore's own kernel threads, a 1-token host expert took 12 ms with the def
 0.8 ms with one, and prefetch (whose guesses are a numpy product) slowed decode ~2x instead of
 ~1.1x. `limit_blas_threads(1)` sets numpy's BLAS to one thread for the whole process.
 
-Host results differ from the graph's in the last bits (numpy's and MindSpore's matmuls sum in
-different orders), so runs with host compute match the all-device run to ~1e-6, not bit for bit.
+Host compute reads the host store's blocks in their storage dtype (fp32, fp16, int8 with scales)
+and widens them to FP32. Its results differ from the graph's in the last bits (numpy's and the
+graph kernels' matmuls sum in different orders), so runs with host compute match the all-device
+run to ~1e-6, not bit for bit.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import mindspore as ms
 
-from offload.host_store import ExpertStore, aligned_empty
+from convert.store import decode_block
+from offload.offloaded import slot_buffers
 from offload.policies import Key
 from offload.tiers import TierSet, split_load
 
@@ -55,8 +58,11 @@ def limit_blas_threads(threads: int) -> bool:
     return done
 
 
-def host_expert(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
-    """One SwiGLU expert in numpy, float32: x [n, H], gate_up [2I, H], down [H, I] -> [n, H]."""
+def host_expert(x: np.ndarray, block: Mapping[str, np.ndarray]) -> np.ndarray:
+    """One SwiGLU expert in numpy, float32, from a block's arrays by part name (`convert.store`):
+    x [n, H], gate_up [2I, H], down [H, I] (fp32, fp16, or int8 with per-row scales) -> [n, H].
+    Narrow weights are widened to FP32 (int8 times its scales), the values the graphs compute with."""
+    gate_up, down = decode_block(block)
     both = x @ gate_up.T  # [n, 2I]
     i = down.shape[1]
     gate, up = both[:, :i], both[:, i:]
@@ -107,35 +113,36 @@ def _fastest(fn: Callable[[int], object], repeats: int) -> float:
     return min(times)
 
 
-def measure_costs(store: ExpertStore, tiers: TierSet, expert_group: Callable, repeats: int = 7) -> CostModel:
-    """Time a block copy, host compute at 1 and C_max tokens, and one launch of every tier.
+def measure_costs(store, tiers: TierSet, expert_group: Callable, repeats: int = 7) -> CostModel:
+    """Time a block read into a slot, host compute at 1 and C_max tokens, and one launch of every tier.
 
-    `expert_group(tier)` gives the tier's graph (e.g. `GraphSet.expert_group`). Every repeat uses
-    other experts of layer 0 than the one before, so that, as for a real miss, the weights are
-    not already in the CPU's caches; the scratch slots are allocated here and dropped after.
+    `store` is the artifact's expert store (`read_into`, `arrays`); `expert_group(tier)` gives the
+    tier's graph (e.g. `GraphSet.expert_group`). Every repeat uses other experts of layer 0 than the
+    one before, so that, as for a real miss, the weights are not already in the CPU's caches; the
+    scratch slots are allocated here and dropped after.
     """
     count = store.num_experts
-    blocks = [store.expert_block(0, e % count) for e in range(repeats + max(t.group for t in tiers) + 1)]
     group = max(t.group for t in tiers)
-    scratch = [[aligned_empty(a.shape, a.dtype) for a in blocks[0]] for _ in range(group)]
-    for g, slot in enumerate(scratch):
-        for dst, src in zip(slot, blocks[g]):
-            np.copyto(dst, src)
-    copy_s = _fastest(lambda r: [np.copyto(d, s) for d, s in zip(scratch[r % group], blocks[r])], repeats)
-    hidden = blocks[0][0].shape[1]
+    experts = [e % count for e in range(repeats + group + 1)]
+    scratch, views = slot_buffers(store, group)
+    for g in range(group):
+        store.read_into(0, experts[g], scratch[g])
+    copy_s = _fastest(lambda r: store.read_into(0, experts[r], scratch[r % group]), repeats)
+    blocks = [store.arrays(0, e) for e in experts]
+    hidden = views[0][0].shape[1]
     rng = np.random.default_rng(0)
     wide = tiers.max_capacity
     x = rng.standard_normal((wide, hidden)).astype(np.float32)
-    one = _fastest(lambda r: host_expert(x[:1], *blocks[r]), repeats)
-    many = _fastest(lambda r: host_expert(x, *blocks[r]), repeats)
+    one = _fastest(lambda r: host_expert(x[:1], blocks[r]), repeats)
+    many = _fastest(lambda r: host_expert(x, blocks[r]), repeats)
     per_token = max(many - one, 0.0) / max(wide - 1, 1)
-    tensors = [[ms.Tensor.from_numpy(a) for a in slot] for slot in scratch]
+    tensors = [[ms.Tensor.from_numpy(a) for a in slot] for slot in views]
     launch_s = []
     for tier in tiers:
         graph = expert_group(tier)
         inputs = ms.Tensor.from_numpy(rng.standard_normal((tier.group, tier.capacity, hidden)).astype(np.float32))
         full = ms.Tensor.from_numpy(np.full(tier.group, tier.capacity, np.int32))
-        args = [tensors[g][a] for a in range(len(blocks[0])) for g in range(tier.group)]
+        args = [tensors[g][a] for a in range(len(views[0])) for g in range(tier.group)]
         launch_s.append(_fastest(lambda r: graph(inputs, full, *args).asnumpy(), repeats))
     return CostModel(copy_s, max(one - per_token, 0.0), per_token, tuple(launch_s), tiers)
 
@@ -186,17 +193,6 @@ def placement_from_config(config: Mapping | None, num_layers: int, num_experts: 
             raise ValueError("placement mode 'auto' needs costs measured at start; no measure function given")
         costs = measure()
     return Placement(layers, experts, costs)
-
-
-def from_host_compute(value) -> dict:
-    """The app's `placement.host_compute` (`never`, `auto` or a list of layers) as a placement config."""
-    if value in (None, "never"):
-        return {}
-    if value == "auto":
-        return {"mode": "auto"}
-    if isinstance(value, (list, tuple)):
-        return {"host_layers": list(value)}
-    raise ValueError(f"host_compute must be never, auto or a list of layers, got {value!r}")
 
 
 def _key(entry: Iterable[int], num_layers: int, num_experts: int) -> Key:

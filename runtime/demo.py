@@ -10,12 +10,11 @@ The directory is built once into a cache, named by a hash of everything that sha
 config, the seed, the corpus, this module's format version), so changing any of them builds a new
 one beside the old. It is written into a temporary directory and renamed into place: an interrupted
 build leaves nothing that looks finished, and concurrent builds (the jobs of a sweep) cannot mix.
-`ensure_artifact` then converts it once per set of graph shapes (`python -m convert`'s pipeline),
-into the same cache, so later runs load exported graphs instead of compiling Cells.
+From there it is an HF directory like any other: `run.py` converts it on first use
+(`convert.cache`) and runs the artifact.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import shutil
@@ -27,7 +26,6 @@ from typing import Mapping
 
 from convert.spec import ModelSpec, spec_from_config
 from convert.synthetic import write_random_checkpoint
-from offload.tiers import TierSet
 
 FORMAT = 2  # bump when the files written here change, so caches of the old format are not reused
 CORPUS = Path(__file__).with_name("demo_corpus.txt")
@@ -114,30 +112,3 @@ def ensure_demo(text_config: Mapping, seed: int, cache_dir: str | Path) -> DemoM
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return DemoModel(final, True, time.perf_counter() - start)
-
-
-def ensure_artifact(model_dir: Path, cache_dir: str | Path, tiers: TierSet, buckets: tuple[int, ...],
-                    max_context: int) -> DemoModel:
-    """`model_dir` converted (FP32 expert store) with these tiers, buckets and context, cached beside it.
-
-    `convert` publishes atomically; a lock file keeps the jobs of a sweep from converting the same
-    artifact at once (the second waits, then finds it)."""
-    from convert.manifest import MANIFEST_NAME, TierRecord
-    from convert.pipeline import ConvertOptions, convert
-
-    start = time.perf_counter()
-    shapes = {"format": FORMAT, "tiers": [[t.capacity, t.group] for t in tiers], "buckets": list(buckets),
-              "max_context": max_context}
-    key = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:12]
-    cache_dir = Path(cache_dir).expanduser()
-    out = cache_dir / f"{model_dir.name}-artifact-{key}"
-    if (out / MANIFEST_NAME).is_file():
-        return DemoModel(out, False, time.perf_counter() - start)
-    with open(cache_dir / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / MANIFEST_NAME).is_file():
-            return DemoModel(out, False, time.perf_counter() - start)
-        options = ConvertOptions("fp32", tuple(TierRecord(t.capacity, t.group) for t in tiers), tuple(buckets),
-                                 max_context)
-        convert(model_dir, out, options, force=out.exists(), progress=False)
-    return DemoModel(out, True, time.perf_counter() - start)

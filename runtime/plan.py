@@ -1,14 +1,19 @@
-"""Device memory plan: does a model, at a context length, with a placement, fit a device?
+"""Memory plan: does a model, at a context length, with a placement, fit the device and the host?
 
 Legend: L layers (La attention, Ld DeltaNet), H hidden, V vocabulary, E experts per layer, K experts
 per token, I expert width, S max context, T largest prefill bucket, b bytes per compute element.
 
 Adds up what a run keeps on the device before the first token: the dense weights (everything that
-is not a routed expert, resident for the whole run), the pool of expert slots (sized by the
-placement's budget, or every expert), the KV cache of the attention layers for S tokens, the
-DeltaNet conv and recurrent states, the activations of the largest launch, and a reserve for the
-runtime itself. A plan that does not fit says which figure breaks it and the largest setting that
-would fit, so a run can be refused before anything is loaded.
+is not a routed expert, resident for the whole run), the expert blocks on the device (the slot
+pool `offload.residence` decides, or every expert), the KV cache of the attention layers for S
+tokens, the DeltaNet conv and recurrent states, the activations of the largest launch, and a
+reserve for the runtime itself; and what the host must hold beside it (its own runtime, pinned
+staging for streamed blocks). Expert blocks are the artifact's, in its storage dtype (fp32, fp16,
+int8 with scales), at the store's page-aligned stride. The host store itself is read from the
+artifact's `experts.bin` through the page cache, which the OS may drop: it is not counted as
+resident, only its disk size is noted. On the CPU backend host and device are one memory, so the
+two sides are added together and checked against it. A plan that does not fit says which figure
+breaks it and the largest setting that would fit, so a run can be refused before anything is loaded.
 
 Sizes are in GiB (2^30 bytes), as the `*_gb` config fields are; bandwidths in GB/s (10^9 bytes/s).
 The workspace is an estimate: the activations of the largest launch, counted from the graph
@@ -21,13 +26,14 @@ from dataclasses import asdict, dataclass, field
 
 from convert.names import global_names, layer_names
 from convert.spec import ModelSpec
+from convert.store import block_layout, block_stride
+from offload.residence import ALL, AUTO, Residence, decide
 from offload.tiers import TierSet
 
 GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2}
 STATE_BYTES = 4  # DeltaNet states stay FP32: the recurrence accumulates over the whole sequence
 DELTANET_CHUNK = 64  # graphs.deltanet.CHUNK, repeated so planning does not import MindSpore
-AUTO, ALL = "auto", "all"  # expert budgets: the largest pool that fits; every expert resident
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,13 @@ class DeviceProfile:
     compute_dtype: str
     h2d_gbps: float | None = None  # host-to-device copy from pinned memory; None: no copy (CPU)
     memory_gbps: float | None = None  # device memory bandwidth, for the decode floor
+    expert_dtype: str = "fp32"  # the expert storage this device's artifacts use by default
+    host_memory_bytes: int | None = None  # None: the host is the device (CPU backend)
+    host_reserved_bytes: int = 0  # Python, MindSpore and the driver on the host, beside a card
+
+    @property
+    def host_is_device(self) -> bool:
+        return self.host_memory_bytes is None
 
     @property
     def dtype_bytes(self) -> int:
@@ -75,23 +88,37 @@ class MemoryPlan:
     device: DeviceProfile
     max_context: int
     items: list[PlanItem]
-    expert_bytes: int
-    total_experts: int
-    slots: int
+    host_items: list[PlanItem]  # what the host holds beside the device (on the CPU backend: the same memory)
+    residence: Residence
+    expert_bytes: int  # one block at the store's stride, in its storage dtype
+    expert_dtype: str
     problems: list[str] = field(default_factory=list)  # why it does not fit; empty when it fits
     notes: list[str] = field(default_factory=list)
 
     @property
-    def total(self) -> int:
+    def total_experts(self) -> int:
+        return self.residence.total_experts
+
+    @property
+    def slots(self) -> int:
+        return self.residence.device_experts
+
+    @property
+    def device_total(self) -> int:
         return sum(item.bytes for item in self.items)
+
+    @property
+    def host_total(self) -> int:
+        return sum(item.bytes for item in self.host_items)
+
+    @property
+    def total(self) -> int:
+        """What the run needs in the memory it is checked against: on the CPU backend both sides."""
+        return self.device_total + (self.host_total if self.device.host_is_device else 0)
 
     @property
     def fits(self) -> bool:
         return not self.problems
-
-    @property
-    def all_resident(self) -> bool:
-        return self.slots >= self.total_experts
 
     def item(self, name: str) -> PlanItem:
         return next(item for item in self.items if item.name == name)
@@ -99,22 +126,31 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         return {
             "title": self.title, "device": asdict(self.device), "max_context": self.max_context,
-            "items": [asdict(item) for item in self.items], "total_bytes": self.total,
-            "expert_bytes": self.expert_bytes, "slots": self.slots, "total_experts": self.total_experts,
+            "items": [asdict(item) for item in self.items], "host_items": [asdict(item) for item in self.host_items],
+            "total_bytes": self.total, "device_bytes": self.device_total, "host_bytes": self.host_total,
+            "expert_bytes": self.expert_bytes, "expert_dtype": self.expert_dtype, "slots": self.slots,
+            "total_experts": self.total_experts, "streams": self.residence.streams,
             "fits": self.fits, "problems": self.problems, "notes": self.notes,
         }
 
     def format(self) -> str:
-        width = max(len(item.name) for item in self.items)
+        width = max(len(item.name) for item in self.items + self.host_items)
         lines = [self.title]
-        for item in self.items:
-            lines.append(f"  {item.name:<{width}}  {size(item.bytes):>10}  {item.detail}")
+        one_memory = self.device.host_is_device
+        host_label = "host (the same memory)" if one_memory else f"host ({size(self.device.host_memory_bytes)})"
+        for heading, items in (("device", self.items), (host_label, self.host_items)):
+            lines.append(f" {heading}")
+            lines += [f"  {item.name:<{width}}  {size(item.bytes):>10}  {item.detail}" for item in items]
         lines.append(f"  {'-' * (width + 12)}")
-        free = self.device.memory_bytes - self.total
-        verdict = "fits" if self.fits else "DOES NOT FIT" if free < 0 else "REFUSED"
-        room = f"{size(free)} free" if free >= 0 else f"over by {size(-free)}"
-        lines.append(f"  {'total':<{width}}  {size(self.total):>10}  of {size(self.device.memory_bytes)}: "
-                     f"{verdict} ({room})")
+        checks = [("total", self.total, self.device.memory_bytes)]
+        if not one_memory:
+            checks = [("device total", self.device_total, self.device.memory_bytes),
+                      ("host total", self.host_total, self.device.host_memory_bytes)]
+        for name, used, capacity in checks:
+            free = capacity - used
+            verdict = "fits" if self.fits else "DOES NOT FIT" if free < 0 else "REFUSED"
+            room = f"{size(free)} free" if free >= 0 else f"over by {size(-free)}"
+            lines.append(f"  {name:<{width}}  {size(used):>10}  of {size(capacity)}: {verdict} ({room})")
         lines += [f"  {note}" for note in self.notes]
         lines += [f"  problem: {problem}" for problem in self.problems]
         return "\n".join(lines)
@@ -166,15 +202,23 @@ def workspace_elements(spec: ModelSpec, tokens: int, max_context: int, tiers: Ti
     return candidates[name], name
 
 
+def expert_block_bytes(spec: ModelSpec, expert_dtype: str) -> int:
+    """One expert block of the store in `expert_dtype`, at its page-aligned stride: a slot's size."""
+    return block_stride(block_layout(spec, expert_dtype))
+
+
 def plan_memory(spec: ModelSpec, device: DeviceProfile, placement: Placement, max_context: int,
-                prefill_tokens: int, tiers: TierSet, model_name: str) -> MemoryPlan:
-    """The plan of a run: every item on the device, and what breaks it if it does not fit."""
+                prefill_tokens: int, tiers: TierSet, model_name: str, expert_dtype: str | None = None) -> MemoryPlan:
+    """The plan of a run: every item on the device and on the host, and what breaks it if it does not fit.
+
+    `expert_dtype` is the storage of the expert blocks (the artifact's; default the device's)."""
     b = device.dtype_bytes
+    expert_dtype = expert_dtype or device.expert_dtype
     kinds = spec.layer_types
     attention_layers = kinds.count("full_attention")
     deltanet_layers = len(kinds) - attention_layers
     edge, layers = dense_params(spec)
-    expert_bytes = spec.expert_params * b
+    expert_bytes = expert_block_bytes(spec, expert_dtype)
     total_experts = spec.num_layers * spec.num_experts
     kv_bytes = attention_layers * 2 * max_context * spec.num_key_value_heads * spec.head_dim * b
     conv = (spec.linear_conv_kernel_dim - 1) * spec.conv_dim
@@ -194,23 +238,28 @@ def plan_memory(spec: ModelSpec, device: DeviceProfile, placement: Placement, ma
         PlanItem("workspace", 2 * work * b, f"2 x largest launch: {work_name}"),
         PlanItem("runtime reserve", device.reserved_bytes, f"{device.name} profile (reserved_gb)"),
     ]
-    fixed_bytes = sum(item.bytes for item in fixed)
-    room = device.memory_bytes - fixed_bytes  # what is left for expert slots
     min_slots = max(tier.group for tier in tiers)  # one launch of the widest tier needs its G experts in place
-    budget = placement.expert_budget_gb
-    if budget == ALL:
-        slots = total_experts
-    elif budget == AUTO:
-        slots = max(0, min(room // expert_bytes, total_experts))
-    else:
-        slots = min(int(budget * GIB) // expert_bytes, total_experts)
+    store_bytes = total_experts * expert_bytes
+    store = PlanItem("expert store", 0, f"experts.bin, {total_experts} x {size(expert_bytes)} {expert_dtype} = "
+                                        f"{size(store_bytes)} on disk, read through the page cache (not held)")
+    host_items = [store]
+    if not device.host_is_device:
+        host_items = [PlanItem("host runtime", device.host_reserved_bytes, f"{device.name} profile (host_reserved_gb)"),
+                      PlanItem("pinned staging", 2 * min_slots * expert_bytes,
+                               f"2 x {min_slots} blocks: the widest launch's copies, double-buffered"), store]
+    host_bytes = sum(item.bytes for item in host_items) if device.host_is_device else 0
+    fixed_bytes = sum(item.bytes for item in fixed) + host_bytes
+    room = device.memory_bytes - fixed_bytes  # what is left for expert blocks on the device
+    residence = decide(placement.expert_budget_gb, expert_bytes, room, total_experts, placement.policy,
+                       placement.prefetch, placement.host_compute)
+    slots = residence.device_experts
     share = f"{slots} of {total_experts} experts ({100 * slots / total_experts:.1f}%)"
-    pool = PlanItem("expert slot pool", slots * expert_bytes,
-                    f"{share} x {size(expert_bytes)}, budget {placement.budget_label}")
+    pool = PlanItem("expert slot pool" if residence.streams else "experts (all resident)", slots * expert_bytes,
+                    f"{share} x {size(expert_bytes)} {expert_dtype}, budget {placement.budget_label}")
     items = fixed[:1] + [pool] + fixed[1:]
     title = (f"Memory plan: {model_name} on {device.name} ({size(device.memory_bytes)}), "
-             f"context {max_context} tokens, {dtype} compute")
-    plan = MemoryPlan(title, device, max_context, items, expert_bytes, total_experts, slots)
+             f"context {max_context} tokens, {dtype} compute, {expert_dtype} experts")
+    plan = MemoryPlan(title, device, max_context, items, host_items, residence, expert_bytes, expert_dtype)
 
     largest_fit = max(0, min(room // expert_bytes, total_experts))
     smallest_pool = min_slots * expert_bytes
@@ -228,9 +277,13 @@ def plan_memory(spec: ModelSpec, device: DeviceProfile, placement: Placement, ma
     elif plan.total > device.memory_bytes:
         largest = math.floor(largest_fit * expert_bytes / GIB * 100) / 100
         plan.problems.append(
-            f"needs {size(plan.total)}, {device.name} has {size(device.memory_bytes)}: the expert slot pool "
-            f"({size(pool.bytes)}, {share}) is too large; the largest expert budget that fits is {largest:.2f} GiB "
-            f"({largest_fit} slots): placement.expert_budget_gb=<= that, or auto")
+            f"needs {size(plan.total)}, {device.name} has {size(device.memory_bytes)}: the expert "
+            f"{'slot pool' if residence.streams else 'blocks'} ({size(pool.bytes)}, {share}) are too large; the "
+            f"largest expert budget that fits is {largest:.2f} GiB ({largest_fit} slots): "
+            f"placement.expert_budget_gb=<= that, or auto")
+    if not device.host_is_device and plan.host_total > device.host_memory_bytes:
+        plan.problems.append(f"the host needs {size(plan.host_total)} beside the device and has "
+                             f"{size(device.host_memory_bytes)} (device.host_memory_gb)")
     plan.notes += _traffic_notes(spec, device, plan, edge, layers, kv_bytes)
     return plan
 
@@ -239,17 +292,12 @@ def _traffic_notes(spec: ModelSpec, device: DeviceProfile, plan: MemoryPlan, edg
                    kv_bytes: int) -> list[str]:
     b, expert_bytes = device.dtype_bytes, plan.expert_bytes
     per_token = spec.num_layers * spec.num_experts_per_tok  # routed experts one decode token touches
-    notes = []
-    if plan.all_resident:
-        notes.append(f"experts: all {plan.total_experts} resident, nothing streams")
-    else:
-        notes.append(f"experts: {plan.total_experts} in host memory ({size(plan.total_experts * expert_bytes)}), "
-                     f"{plan.slots} slots on the device")
-        if device.h2d_gbps:
-            one = expert_bytes / (device.h2d_gbps * 1e9)
-            notes.append(f"streaming: one expert in {one * 1e6:.0f} us at {device.h2d_gbps:g} GB/s; a decode token "
-                         f"routes to {per_token} experts ({per_token * expert_bytes / 1e9:.2f} GB): "
-                         f"{per_token * one * 1e3:.0f} ms if every one misses")
+    notes = [f"experts: {plan.residence.describe()}" + ("" if plan.residence.streams else ", nothing streams")]
+    if plan.residence.streams and device.h2d_gbps:
+        one = expert_bytes / (device.h2d_gbps * 1e9)
+        notes.append(f"streaming: one expert in {one * 1e6:.0f} us at {device.h2d_gbps:g} GB/s; a decode token "
+                     f"routes to {per_token} experts ({per_token * expert_bytes / 1e9:.2f} GB): "
+                     f"{per_token * one * 1e3:.0f} ms if every one misses")
     if device.memory_gbps:
         embedding_unread = 0 if spec.tie_word_embeddings else spec.vocab_size * spec.hidden_size  # one row is read
         head_and_layers = (layers + edge - embedding_unread) * b

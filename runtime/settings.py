@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from convert.manifest import EXPERT_DTYPES
 from convert.spec import CheckpointError, ModelSpec, load_spec, spec_from_config
 from offload.policies import POLICIES
 from offload.tiers import TierSet, from_config
@@ -57,7 +58,16 @@ def device_profile(cfg: Mapping) -> DeviceProfile:
     threads = cfg.get("threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ConfigError(f"device.threads must be a positive integer or null, got {threads!r}")
-    return DeviceProfile(str(cfg.get("name")), str(cfg.get("backend")), memory_bytes, reserved, dtype, **bandwidths)
+    experts = cfg.get("expert_dtype", "fp32")
+    if experts not in EXPERT_DTYPES:
+        raise ConfigError(f"device.expert_dtype must be one of {list(EXPERT_DTYPES)}, got {experts!r}")
+    host = cfg.get("host_memory_gb")  # null: the host is the device (CPU backend)
+    host_bytes = None
+    if host is not None:
+        host_bytes = _host_memory_bytes() if host == "auto" else int(_number(host, "device.host_memory_gb", False) * GIB)
+    host_reserved = int(_number(cfg.get("host_reserved_gb", 0), "device.host_reserved_gb") * GIB)
+    return DeviceProfile(str(cfg.get("name")), str(cfg.get("backend")), memory_bytes, reserved, dtype, **bandwidths,
+                         expert_dtype=experts, host_memory_bytes=host_bytes, host_reserved_bytes=host_reserved)
 
 
 def placement(cfg: Mapping) -> Placement:

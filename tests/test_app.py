@@ -1,7 +1,7 @@
 """run.py end to end: the demo through Hydra overrides, the memory plan, sweeps and their summary, errors.
 
 Runs are subprocesses, as a user starts them. The demo checkpoint is built once per session into a
-temporary cache (FERRY_DEMO_CACHE), and every Hydra output directory is a temporary one, so nothing
+temporary cache (FERRY_DEMO_CACHE, its artifacts in FERRY_ARTIFACT_CACHE), and every Hydra output directory is a temporary one, so nothing
 is written into the home directory or the repository.
 """
 import json
@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from convert.checkpoint import Checkpoint
 from runtime import settings
-from runtime.demo import CHAT_TEMPLATE, demo_spec, ensure_artifact, ensure_demo
+from runtime.demo import CHAT_TEMPLATE, demo_spec, ensure_demo
 from runtime.plan import GIB, DeviceProfile, Placement, dense_params, plan_memory
 from runtime.prompting import PromptSource, TextStream, apply_chat_template, prompt_source, shown
 from runtime.tokenizer import load_tokenizer
@@ -41,7 +41,8 @@ def ferry(args, cwd: Path, cache: Path, module=None, timeout=400) -> subprocess.
     command = [sys.executable, "-m", module] if module else [sys.executable, str(REPO / "run.py")]
     if module is None and "--multirun" not in args:
         args = [*args, f"hydra.run.dir={cwd / 'out'}"]
-    env = {**os.environ, "FERRY_DEMO_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "FERRY_DEMO_CACHE": str(cache), "FERRY_ARTIFACT_CACHE": str(cache / "artifacts"),
+           "PYTHONPATH": str(REPO)}
     return subprocess.run(command + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -135,8 +136,11 @@ def test_prompt_ids_run_writes_a_faithful_record(demo, tmp_path):
     dispatch = record["counters"]["dispatch"]
     routed = (len(PROMPT_IDS) + len(generated) - 1) * spec["num_experts_per_tok"] * spec["num_layers"]
     assert dispatch["expert_tokens"] == sum(t["tokens"] for t in dispatch["tiers"]) == routed  # warm-up not counted
-    assert record["choices"]["tiers"] == "default" and record["engine"] == "artifact"  # the demo, converted
+    assert record["choices"]["tiers"] == "default" and record["engine"] == "resident"  # the demo, converted
     assert record["plan"]["fits"] and record["plan"]["slots"] == record["plan"]["total_experts"] == 128
+    assert Path(record["model"]["artifact"]).parent == cache / "artifacts"
+    memory = record["memory"]  # the plan of both memories (one on the CPU backend) against the measured peak
+    assert abs(memory["peak_rss_bytes"] / memory["planned_bytes"] - 1) <= 0.15, memory
 
     assert record["settings"]["sampling"] == {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "seed": 3}
 
@@ -176,7 +180,7 @@ def test_local_hf_directory_with_the_chat_template(demo, tmp_path):
     chat = "<|im_start|>user\nWhere does the ferry go?<|im_end|>\n<|im_start|>assistant\n"
     assert record["prompt_ids"] == load_tokenizer(path).encode(chat, add_special_tokens=False).ids
     assert record["model"] == {**record["model"], "name": "local", "demo": False, "path": str(path)}
-    assert record["prompt_origin"] == "prompt_file" and record["engine"] == "offload"
+    assert record["prompt_origin"] == "prompt_file" and record["engine"] == "streamed"
     layers = record["counters"]["offload"]["layers"]  # layer 0's experts ran on the host, the others in slots
     assert layers[0]["host_experts"] > 0 and layers[0]["misses"] == 0
     assert all(layer["host_experts"] == 0 and layer["misses"] > 0 for layer in layers[1:])
@@ -184,22 +188,35 @@ def test_local_hf_directory_with_the_chat_template(demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_artifact_directory_runs_and_refuses_streaming_without_the_checkpoint(demo, tmp_path):
-    cache, path = demo
-    tiers = settings.tier_set(settings.plain(OmegaConf.load(CONF / "tiers" / "default.yaml").tiers),
-                              demo_spec(settings.plain(DEMO.config)))
-    artifact = ensure_artifact(path, cache, tiers, (16, 64), DEMO.max_context).path
+def test_hf_directory_converts_once_and_artifacts_stream(demo, tmp_path):
+    """An HF directory is converted on first use (and said so), reused by the next run; the artifact
+    itself then runs resident or streamed, in its own tiers and storage dtype, with no checkpoint."""
+    _, path = demo
+    cache = tmp_path / "cache"
     ids = f"prompt_ids=[{','.join(map(str, PROMPT_IDS))}]"
-    proc = ferry(["+model=local", f"model.path={artifact}", ids, "max_new_tokens=3", "tiers=coarse",
-                  "output_json=art.json"], tmp_path, cache)
-    assert_clean(proc)
-    record = json.loads((tmp_path / "art.json").read_text())
-    assert record["engine"] == "artifact" and record["model"]["artifact"] == str(artifact)
-    assert len(record["settings"]["tiers"]) == 3  # the artifact's own tiers, not tiers=coarse
-    assert record["text"] is None and len(record["generated_ids"]) == 3  # no tokenizer in an artifact
-    refused = ferry(["+model=local", f"model.path={artifact}", ids, "placement.expert_budget_gb=0.02"], tmp_path, cache)
-    assert_clean(refused, 2)
-    assert "this run has only an artifact: give model.path=HF_DIR" in refused.stderr
+    first = ferry(["+model=local", f"model.path={path}", ids, "max_new_tokens=3", "device.expert_dtype=int8",
+                   "placement.expert_budget_gb=0.001", "output_json=first.json"], tmp_path, cache)
+    assert_clean(first)
+    assert "convert   " in first.stdout and "artifact  converted now" in first.stdout
+    record = json.loads((tmp_path / "first.json").read_text())
+    artifact = Path(record["model"]["artifact"])
+    assert artifact.parent == cache / "artifacts" and "-int8-" in artifact.name
+    assert record["engine"] == "streamed" and record["settings"]["expert_dtype"] == "int8"
+    assert record["counters"]["offload"]["total"]["misses"] > 0
+    again = ferry(["+model=local", f"model.path={path}", ids, "max_new_tokens=3", "device.expert_dtype=int8",
+                   "placement.expert_budget_gb=0.001", "output_json=again.json"], tmp_path, cache)
+    assert_clean(again)
+    assert "convert   " not in again.stdout and f"artifact  cached: {artifact}" in again.stdout
+    assert json.loads((tmp_path / "again.json").read_text())["generated_ids"] == record["generated_ids"]
+
+    resident = ferry(["+model=local", f"model.path={artifact}", ids, "max_new_tokens=3", "tiers=coarse",
+                      "output_json=art.json"], tmp_path, cache)
+    assert_clean(resident)
+    run = json.loads((tmp_path / "art.json").read_text())
+    assert run["engine"] == "resident" and run["model"]["artifact"] == str(artifact)
+    assert len(run["settings"]["tiers"]) == 3  # the artifact's own tiers, not tiers=coarse
+    assert run["text"] is None and run["generated_ids"] == record["generated_ids"]  # no tokenizer in an artifact
+    assert len(list((cache / "artifacts").glob("*/manifest.json"))) == 1  # nothing converted again
 
 
 @pytest.mark.slow
@@ -218,7 +235,7 @@ def test_multirun_sweep_and_its_summary(demo, tmp_path):
         assert record["choices"]["tiers"] == tiers
         assert len(record["counters"]["dispatch"]["tiers"]) == (3 if tiers == "default" else 2)
         assert record["settings"]["placement"]["expert_budget_gb"] == (0.02, 0.05)[job % 2]
-        assert record["plan"]["slots"] == (54, 128)[job % 2] and record["engine"] == "offload"
+        assert record["plan"]["slots"] == (54, 128)[job % 2] and record["engine"] == "streamed"
         offload = record["counters"]["offload"]
         assert offload["total"]["prefetch_issued"] > 0 and offload["total"]["misses"] > 0
         assert record["generated_ids"] == records[0]["generated_ids"]  # neither tiers nor budgets change tokens
@@ -272,7 +289,7 @@ def test_plan_of_qwen36_on_the_310p3(tmp_path):
 
 def test_plan_refuses_a_pool_smaller_than_one_launch():
     spec = settings.model_spec(OmegaConf.load(CONF / "model" / "qwen36_35b.yaml"), None)
-    device = DeviceProfile("card", "Ascend", 24 * GIB, 2 * GIB, "float16")
+    device = DeviceProfile("card", "Ascend", 24 * GIB, 2 * GIB, "float16", expert_dtype="fp16")
     tiers = settings.tier_set([{"capacity": 1}, {"capacity": 64, "group": 2}], spec)
     plan = plan_memory(spec, device, Placement(0.02), 4096, 64, tiers, "qwen")
     assert not plan.fits and plan.slots == 3
@@ -335,7 +352,7 @@ BAD = [
     (["prompt_ids=[5000]"], 2, "prompt_ids [5000] are outside the vocabulary (size 1024)"),
     (["chat=true", "prompt_ids=[1]"], 2, "chat=true needs a text prompt"),
     (["max_context=8"], 2, "the prompt is 14 tokens, longer than max_context=8"),
-    (["device.memory_gb=1"], 1, "this run does not fit cpu: cpu has 1.00 GiB; everything but the experts takes 1.51 GiB"),
+    (["device.memory_gb=0.5"], 1, "this run does not fit cpu: cpu has 512.0 MiB; everything but the experts takes 523.8 MiB"),
 ]
 
 

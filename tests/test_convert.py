@@ -299,19 +299,21 @@ def test_cli_usage_errors(base, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_store_is_an_offload_expert_store(base):
-    """The artifact's store serves the offload controller's ExpertStore protocol: same blocks as the
-    checkpoint (FP32 storage), in the layout the FP32 expert-group graph takes."""
+def test_store_serves_the_offload_controller(base):
+    """The artifact's store is what the offload controller streams from: a block read into a slot
+    (`read_into`) is the mapped block byte for byte, and its arrays are the checkpoint's (FP32)."""
     from convert.checkpoint import Checkpoint
-    from offload.host_store import BlockLayout, check_matches
+    from offload.offloaded import slot_buffers
 
     store = Artifact.open(base[4]).experts
     checkpoint = Checkpoint(base[0])
-    check_matches(store, checkpoint.spec)
-    assert store.layout == BlockLayout.for_spec(checkpoint.spec)
-    for layer, expert in ((0, 0), (3, 7)):
-        for ours, theirs in zip(store.expert_block(layer, expert), checkpoint.expert_weights(layer, expert)):
+    buffer, views = slot_buffers(store, 2)
+    for slot, (layer, expert) in enumerate(((0, 0), (3, 7))):
+        store.read_into(layer, expert, buffer[slot])
+        assert bytes(buffer[slot, : store.block_bytes]) == bytes(store.block_bytes_of(layer, expert))
+        for ours, theirs in zip(views[slot], checkpoint.expert_weights(layer, expert)):
             np.testing.assert_array_equal(ours, theirs)
+    assert buffer[1].ctypes.data % 4096 == 0 and (3, 7) in store.verified
 
 
 def test_global_tensors_are_read_in_row_chunks(base, monkeypatch):

@@ -1,52 +1,54 @@
 """The offload controller never changes a token: slot pool, streaming, prefetch, placement, budgets.
 
-Equality is exact (bitwise) for every run whose experts all compute in the graphs, whatever the
-budget, policy, prefetch or tiers: the launches are planned from the routing alone, and a slot
-holds a bit-exact copy of its expert, so each graph sees the same numbers as the all-resident run
-(once MindSpore's kernels are warm: see `reference`).
-Runs that compute experts on the host (numpy) match to `HOST_TOL`: numpy's and MindSpore's matmuls
-sum in different orders (~1e-7 relative per expert output); measured, host compute in the last
-layer alone moves logits (std 1, max 3.8) by 8.5e-7, in the first layer by 5e-6, as the three
-layers after it amplify the difference; greedy tokens stay equal.
+Every run streams the artifact's `experts.bin` in its storage dtype (fp32, fp16, int8 with scales)
+through the same exported graphs a resident run of that artifact uses. Equality with the resident
+run of the same artifact is exact (bitwise) for every run whose experts all compute in the graphs,
+whatever the budget, policy, prefetch or tiers: the launches are planned from the routing alone,
+and a slot holds a byte-exact copy of its block, so each graph sees the same numbers (once
+MindSpore's kernels are warm: see `reference`). The FP32 artifact's resident run is itself within
+1e-4 of transformers (tests/test_convert.py), and an FP32 run at a budget of 3 slots is checked
+against transformers' greedy tokens here.
+Runs that compute experts on the host (numpy, from the store's blocks widened to FP32) match to
+`HOST_TOL`: numpy's and the graphs' matmuls sum in different orders (~1e-7 relative per expert
+output); measured, host compute in the last layer alone moves logits (std 1, max 3.8) by 8.5e-7,
+in the first layer by 5e-6, as the three layers after it amplify the difference; greedy tokens
+stay equal.
 """
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from checkpoints import TinyShape, write_checkpoint
-from convert.checkpoint import Checkpoint
-from offload.budget import BudgetError, gib, plan_slots
-from offload.host_store import (BlockLayout, HostExpertStore, MappedExpertStore, check_matches, open_store,
-                                write_block_file)
+from checkpoints import TinyShape, load_oracle, write_checkpoint
+from convert.artifact import Artifact, ExpertChecksumError
+from convert.manifest import BlockPart, TierRecord
+from convert.pipeline import ConvertOptions, convert
 from offload.offloaded import OffloadedExperts
-from offload.placement import from_host_compute, host_expert, placement_from_config
+from offload.placement import host_expert, placement_from_config
 from offload.policies import make_policy
 from offload.prefetch import Prefetcher, RouterPredictor
-from offload.tiers import from_config
-from runtime.build import engine_from_checkpoint, engine_with_offload
-from runtime.engine import Buckets
+from offload.residence import ALL, AUTO, Residence, decide, host_compute_config
+from runtime.build import engine_from_artifact
+from runtime.generate import generate
 
 HOST_TOL = 1e-5
-SHAPE = TinyShape()  # 4 layers x 8 experts, top-2: 32 expert blocks of 24.6 KB
-BLOCK = 3 * SHAPE.moe_inter * SHAPE.hidden * 4
-BUCKETS = Buckets((16,))
-CONTEXT = 64
+SHAPE = TinyShape()  # 4 layers x 8 experts, top-2: 32 expert blocks of 24.6 KB in FP32
+TOTAL = SHAPE.layers * SHAPE.experts
 PROMPT = 20  # one launch of 16 tokens, one of 4 (padded), then decode
 DECODE = 8
 TIERS = {
-    "split": from_config([{"capacity": 1, "group": 1}, {"capacity": 2, "group": 3}]),  # busy experts split
-    "default": None,  # runtime.build.default_tiers: 1x2, 8x4, 64x2
+    "split": (TierRecord(1, 1), TierRecord(2, 3)),  # busy experts split over many launches
+    "default": (TierRecord(1, 2), TierRecord(8, 4), TierRecord(64, 2)),
 }
 MIN_SLOTS = {"split": 3, "default": 4}
 PLACEMENTS = {
-    "device": None,
+    "device": {},
     "host": {"host_layers": [1], "host_experts": [[2, 3], [0, 5]]},
     "auto": {"mode": "auto"},
 }
@@ -55,6 +57,22 @@ PLACEMENTS = {
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return write_checkpoint(SHAPE, tmp_path_factory.mktemp("offload"))
+
+
+@pytest.fixture(scope="module")
+def artifact(model_dir, tmp_path_factory):
+    """artifact(tiers, dtype): the checkpoint converted with those tiers and expert storage, once each."""
+    root = tmp_path_factory.mktemp("artifacts")
+    made = {}
+
+    def get(tiers_name: str, dtype: str = "fp32"):
+        if (tiers_name, dtype) not in made:
+            out = root / f"{tiers_name}-{dtype}"
+            convert(model_dir, out, ConvertOptions(dtype, TIERS[tiers_name], (16,), 64), progress=False)
+            made[tiers_name, dtype] = out
+        return made[tiers_name, dtype]
+
+    return get
 
 
 def run(engine):
@@ -70,8 +88,8 @@ def run(engine):
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir):
-    """All-resident runs, one per tier set, taken after a warm-up run.
+def reference(artifact):
+    """reference(tiers, dtype): the resident run of that artifact, taken after a warm-up run.
 
     With more than one thread, MindSpore's CPU kernels try several ways of splitting their work
     during their first launches, so the very first run of a process can differ from every later
@@ -79,23 +97,37 @@ def reference(model_dir):
     are bit-identical, checked below.
     """
     results = {}
-    for name, tiers in TIERS.items():
-        engine = engine_from_checkpoint(model_dir, tiers=tiers, buckets=BUCKETS, max_context=CONTEXT)
-        run(engine)
-        results[name] = run(engine)
-        again = run(engine)
-        assert again[0] == results[name][0] and np.array_equal(again[1], results[name][1])
-    return results
+
+    def get(tiers_name: str, dtype: str = "fp32"):
+        if (tiers_name, dtype) not in results:
+            engine = engine_from_artifact(artifact(tiers_name, dtype))
+            run(engine)
+            results[tiers_name, dtype] = run(engine)
+            again = run(engine)
+            assert again[0] == results[tiers_name, dtype][0]
+            assert np.array_equal(again[1], results[tiers_name, dtype][1])
+        return results[tiers_name, dtype]
+
+    return get
+
+
+def block_bytes(path) -> int:
+    return Artifact.open(path, verify="none").manifest.experts.block_bytes
+
+
+def offloaded(path, slots, policy="lru", prefetch=False, placement="device", **kwargs):
+    residence = Residence(slots, TOTAL, policy, prefetch, PLACEMENTS[placement])
+    return engine_from_artifact(path, residence, **kwargs)
 
 
 @pytest.fixture(scope="module")
-def request_traces(model_dir):
+def request_traces(artifact):
     """The pool's request sequence of a first run per (tiers, placement), for Belady (lazily recorded)."""
     cache = {}
 
     def get(tiers_name, placement_name):
         if (tiers_name, placement_name) not in cache:
-            engine = offloaded(model_dir, tiers_name, MIN_SLOTS[tiers_name], "lru", False, placement_name,
+            engine = offloaded(artifact(tiers_name), MIN_SLOTS[tiers_name], placement=placement_name,
                                record_requests=True)
             run(engine)
             cache[tiers_name, placement_name] = list(engine.dispatcher.weights.requests)
@@ -105,43 +137,46 @@ def request_traces(model_dir):
     return get
 
 
-def offloaded(model_dir, tiers_name, slots, policy, prefetch, placement_name, **kwargs):
-    return engine_with_offload(model_dir, budget_bytes=slots * BLOCK, policy=policy, prefetch=prefetch,
-                               placement=PLACEMENTS[placement_name], tiers=TIERS[tiers_name], buckets=BUCKETS,
-                               max_context=CONTEXT, **kwargs)
-
-
 def _cases():
-    """Every budget x policy x prefetch x placement with tiers that split busy experts; with the
-    default tiers, the extreme budgets only (device compute). Auto placement decides from
+    """FP32: every budget x policy x prefetch x placement with tiers that split busy experts; with the
+    default tiers, the extreme budgets only (device compute). FP16 and INT8: a few slots and many,
+    two policies, prefetch off and on, device and host compute. Auto placement decides from
     residency, so its requests depend on the policy: no fixed future for Belady, not combined."""
     for slots in (MIN_SLOTS["split"], 6, 12, 32):  # a few slots .. every expert resident (4 x 8)
         for policy in ("lru", "lfu", "decay", "belady"):
             for prefetch in (False, True):
                 for placement in PLACEMENTS:
                     if not (policy == "belady" and placement == "auto"):
-                        yield "split", slots, policy, prefetch, placement
+                        yield "split", "fp32", slots, policy, prefetch, placement
     for slots in (MIN_SLOTS["default"], 32):
         for policy in ("lru", "lfu", "decay", "belady"):
             for prefetch in (False, True):
-                yield "default", slots, policy, prefetch, "device"
+                yield "default", "fp32", slots, policy, prefetch, "device"
+    for dtype in ("fp16", "int8"):
+        for slots in (MIN_SLOTS["split"], 12):
+            for policy in ("lru", "decay"):
+                for prefetch in (False, True):
+                    for placement in ("device", "host"):
+                        yield "split", dtype, slots, policy, prefetch, placement
 
 
 CASES = list(_cases())
 
 
-@pytest.mark.parametrize("tiers,slots,policy,prefetch,placement", CASES,
-                         ids=[f"{t}-{s}slots-{p}-{'prefetch' if f else 'demand'}-{h}" for t, s, p, f, h in CASES])
-def test_offloaded_run_equals_all_resident(model_dir, reference, request_traces, tiers, slots, policy, prefetch,
-                                           placement):
+@pytest.mark.parametrize("tiers,dtype,slots,policy,prefetch,placement", CASES,
+                         ids=[f"{t}-{d}-{s}slots-{p}-{'prefetch' if f else 'demand'}-{h}"
+                              for t, d, s, p, f, h in CASES])
+def test_offloaded_run_equals_resident(artifact, reference, request_traces, tiers, dtype, slots, policy, prefetch,
+                                       placement):
     kwargs = {"policy_kwargs": {"trace": request_traces(tiers, placement)}} if policy == "belady" else {}
-    engine = offloaded(model_dir, tiers, slots, policy, prefetch, placement, **kwargs)
+    want_tokens, want_logits = reference(tiers, dtype)  # first: it warms MindSpore's kernels up
+    path = artifact(tiers, dtype)
+    engine = offloaded(path, slots, policy, prefetch, placement, **kwargs)
     try:
         tokens, logits = run(engine)
         engine.dispatcher.weights.check_invariants()
     finally:
         engine.close()
-    want_tokens, want_logits = reference[tiers]
     assert tokens == want_tokens
     if placement == "device":
         assert np.array_equal(logits, want_logits), f"max |diff| {np.abs(logits - want_logits).max():.2e}"
@@ -151,7 +186,7 @@ def test_offloaded_run_equals_all_resident(model_dir, reference, request_traces,
     pool = engine.dispatcher.weights.pool.counters
     assert (stats.hits, stats.misses, stats.prefetch_hits, stats.prefetch_wasted, stats.prefetch_issued) == (
         pool.hits, pool.misses, pool.prefetch_hits, pool.prefetch_wasted, pool.prefetches)
-    assert stats.bytes_streamed == pool.loads * BLOCK
+    assert stats.bytes_streamed == pool.loads * block_bytes(path)
     if slots == 32 and placement == "device" and not prefetch:
         assert stats.misses == len({k for k in engine.dispatcher.weights.pool.resident()})  # cold misses only
     if placement == "host":
@@ -159,8 +194,40 @@ def test_offloaded_run_equals_all_resident(model_dir, reference, request_traces,
             engine.dispatcher.stats.layers[1].misses == 0
 
 
-def test_split_tiers_split_and_prefetch_hits(model_dir):
-    engine = offloaded(model_dir, "split", 12, "lru", True, "device")
+def test_few_slots_give_transformers_greedy_tokens(model_dir, artifact):
+    """FP32 artifact, 3 slots, tiers that split, prefetch: transformers' own 24 greedy tokens."""
+    prompt = np.random.default_rng(7).integers(2, SHAPE.vocab, PROMPT)
+    with torch.no_grad():
+        expected = load_oracle(model_dir).generate(
+            torch.tensor(prompt)[None], max_new_tokens=24, do_sample=False, min_new_tokens=24, eos_token_id=None,
+            pad_token_id=0)[0, PROMPT:].tolist()
+    engine = offloaded(artifact("split"), 3, "lru", True)
+    try:
+        assert generate(engine, prompt, max_new_tokens=24, eos_ids=()).token_ids == expected
+    finally:
+        engine.close()
+    assert engine.dispatcher.stats.total().misses > 3 * SHAPE.layers  # it really streamed
+
+
+def test_narrow_blocks_stream_narrow(artifact):
+    """Slots hold the store's own bytes: an INT8 pool streams a quarter of FP32's bytes plus scales."""
+    fp32, int8 = block_bytes(artifact("split")), block_bytes(artifact("split", "int8"))
+    assert int8 < fp32 / 3
+    engine = offloaded(artifact("split", "int8"), 3)
+    try:
+        run(engine)
+    finally:
+        engine.close()
+    pool = engine.dispatcher.weights
+    assert pool.buffer.shape == (3, -(-int8 // 4096) * 4096)  # one page-aligned block per slot
+    assert engine.dispatcher.stats.total().bytes_streamed == pool.pool.counters.loads * int8
+    store = Artifact.open(artifact("split", "int8")).experts
+    key, slot = next(iter(pool.pool.resident().items()))
+    assert bytes(pool.buffer[slot, :int8]) == bytes(store.block_bytes_of(*key))
+
+
+def test_split_tiers_split_and_prefetch_hits(artifact):
+    engine = offloaded(artifact("split"), 12, "lru", True)
     run(engine)
     engine.close()
     stats = engine.dispatcher.stats
@@ -171,8 +238,8 @@ def test_split_tiers_split_and_prefetch_hits(model_dir):
     assert stats.steps == 2 + DECODE and stats.step_tokens == PROMPT + DECODE
 
 
-def test_counters_table_and_json(model_dir, tmp_path):
-    engine = offloaded(model_dir, "split", 4, "decay", True, "host")
+def test_counters_table_and_json(artifact, tmp_path):
+    engine = offloaded(artifact("split"), 4, "decay", True, "host")
     run(engine)
     engine.close()
     stats = engine.dispatcher.stats
@@ -190,84 +257,68 @@ def test_counters_table_and_json(model_dir, tmp_path):
     assert stats.total().hits == stats.steps == 0 and stats.total().launches == [0, 0]
 
 
-def test_mmap_store_of_bf16_fused_checkpoint(tmp_path):
-    """A memory-mapped block file written from a BF16, fused, sharded checkpoint: same run as resident."""
-    shape = SHAPE.variant(dtype="bfloat16", fused=True, shard_bytes=30_000, seed=1)
-    model_dir = write_checkpoint(shape, tmp_path / "ckpt")
-    want = run(engine_from_checkpoint(model_dir, tiers=TIERS["split"], buckets=BUCKETS, max_context=CONTEXT))
-    engine = engine_with_offload(model_dir, budget_bytes=5 * BLOCK, policy="lru", prefetch=True, store="mmap",
-                                 store_path=tmp_path / "experts.bin", tiers=TIERS["split"], buckets=BUCKETS,
-                                 max_context=CONTEXT)
-    got = run(engine)
-    engine.close()
-    assert got[0] == want[0] and np.array_equal(got[1], want[1])
-    assert isinstance(engine.dispatcher.weights.store, MappedExpertStore)
+def test_corrupted_block_is_named_when_streamed(artifact, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bad"
+    shutil.copytree(artifact("split"), copy)
+    record = Artifact.open(copy, verify="none").manifest.experts
+    block = next(b for b in record.blocks if (b.layer, b.expert) == (0, 3))
+    with open(copy / record.path, "r+b") as f:
+        f.seek(block.offset + 100)
+        f.write(b"\x7f")
+    engine = offloaded(copy, 3)
+    try:
+        engine.dispatcher.weights.launch_weights(0, [2])  # a sound block streams
+        with pytest.raises(ExpertChecksumError, match="layer 0, expert 3"):
+            engine.dispatcher.weights.launch_weights(0, [3])
+    finally:
+        engine.close()
 
 
-# --- budgets -------------------------------------------------------------------------------------
+# --- residence and budgets -----------------------------------------------------------------------
 
 
-def test_budget_refused_when_larger_than_device(model_dir):
-    with pytest.raises(BudgetError, match=r"192.00 KiB exceeds the device's memory 97.66 KiB; budgets from 96.00 KiB "
-                                          r"\(4 slots of 24.00 KiB\) to 97.66 KiB fit"):
-        offloaded(model_dir, "default", 8, "lru", False, "device", device_memory_bytes=100_000)
+def test_residence_decisions():
+    block = 1 << 20
+    assert decide(ALL, block, 0, 32) == Residence(None, 32)  # resident, whatever the room (the plan checks it)
+    assert decide(AUTO, block, 40 * block, 32).streams is False
+    assert decide(AUTO, block, 10 * block + 5, 32) == Residence(10, 32)  # the largest pool that fits
+    assert decide(0.5, block, 10**12, 32) == Residence(32, 32)  # a numeric budget streams, capped at L x E
+    assert decide(0.01, block, 10**12, 32).slots == 10
+    assert decide(AUTO, block, 40 * block, 32, prefetch=True) == Residence(32, 32, prefetch=True)
+    assert decide(ALL, block, 40 * block, 32, host_compute="auto").host_compute == {"mode": "auto"}
+    assert host_compute_config("never") == {} and host_compute_config([0, 2]) == {"host_layers": [0, 2]}
+    with pytest.raises(ValueError, match="never, auto or a list"):
+        host_compute_config("sometimes")
 
 
-def test_budget_refused_when_below_one_launch(model_dir):
-    with pytest.raises(BudgetError, match=r"holds 2 slots .* group 3\) needs 3 slots = 72.00 KiB; budgets from"):
-        offloaded(model_dir, "split", 2, "lru", False, "device")
+def test_pool_smaller_than_a_launch_is_refused(artifact):
+    with pytest.raises(ValueError, match="pool of 2 expert slots cannot hold the widest tier launch \\(3 experts"):
+        offloaded(artifact("split"), 2)
 
 
-def test_budget_plans():
-    tiers = from_config([{"capacity": 1, "group": 2}, {"capacity": 8, "group": 4}])
-    plan = plan_slots(10 * BLOCK + 5, BLOCK, tiers, 32, device_bytes=10**9)
-    assert plan.num_slots == 10 and not plan.everything_resident
-    assert plan_slots(10**8, BLOCK, tiers, 32, device_bytes=10**9).everything_resident  # capped at L x E
-    with pytest.raises(BudgetError, match="nothing fits"):
-        plan_slots(BLOCK, BLOCK, tiers, 32, device_bytes=BLOCK)
-    with pytest.raises(BudgetError, match="must be positive"):
-        plan_slots(0, BLOCK, tiers, 32, device_bytes=10**9)
-    assert gib(0.5) == 2**29
-    with pytest.raises(ValueError, match="exactly one"):
-        engine_with_offload("unused", budget_bytes=1, expert_budget_gb=1.0)
+# --- host compute, placement, prediction ---------------------------------------------------------
 
 
-# --- host store, placement, prediction ----------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+def test_host_expert_matches_numpy_float64(dtype):
+    from convert.store import _ReportTotals, encode_expert
 
-
-def test_block_file_matches_checkpoint(model_dir, tmp_path):
-    checkpoint = Checkpoint(model_dir)
-    ram = open_store(checkpoint, "ram")
-    mapped = MappedExpertStore(write_block_file(checkpoint, tmp_path / "b.bin"))
-    populated = MappedExpertStore(tmp_path / "b.bin", populate=True)
-    check_matches(mapped, checkpoint.spec)
-    assert all(np.array_equal(a, b) for a, b in zip(mapped.expert_block(3, 7), populated.expert_block(3, 7)))
-    assert not mapped.expert_block(0, 0)[0].flags.writeable  # the store is read-only
-    assert mapped.layout == ram.layout == BlockLayout.for_spec(checkpoint.spec)
-    for layer, expert in [(0, 0), (1, 7), (3, 4)]:
-        for a, b, c in zip(mapped.expert_block(layer, expert), ram.expert_block(layer, expert),
-                           checkpoint.expert_weights(layer, expert)):
-            assert np.array_equal(a, b) and np.array_equal(b, c)
-    assert mapped.expert_block(2, 3)[0].ctypes.data % 4096 == 0
-    with pytest.raises(IndexError, match="expert 8 out of range"):
-        mapped.expert_block(0, 8)
-    (tmp_path / "short.bin").write_bytes(b"\0" * 10)
-    (tmp_path / "short.bin.json").write_text((tmp_path / "b.bin.json").read_text())
-    with pytest.raises(ValueError, match="short.bin: 10 bytes"):
-        MappedExpertStore(tmp_path / "short.bin")
-    with pytest.raises(ValueError, match="holds 4 layers x 8 experts"):
-        check_matches(mapped, replace(checkpoint.spec, num_experts=12))
-
-
-def test_host_expert_matches_numpy_float64():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 16)).astype(np.float32)
     gate_up = rng.standard_normal((12, 16)).astype(np.float32) / 4
     down = rng.standard_normal((16, 6)).astype(np.float32) / 3
-    both = x.astype(np.float64) @ gate_up.T.astype(np.float64)
+    arrays, _, _ = encode_expert(dtype, gate_up, down, _ReportTotals(dtype))
+    names = ["gate_up", "down", "gate_up_scale", "down_scale"]
+    block = dict(zip(names, arrays))
+    wide = [a.astype(np.float64) for a in arrays[:2]]
+    if dtype == "int8":
+        wide = [wide[0] * arrays[2][:, None], wide[1] * arrays[3][:, None]]
+    both = x.astype(np.float64) @ wide[0].T
     gate, up = both[:, :6], both[:, 6:]
-    want = (gate / (1 + np.exp(-gate)) * up) @ down.T.astype(np.float64)
-    got = host_expert(x, gate_up, down)
+    want = (gate / (1 + np.exp(-gate)) * up) @ wide[1].T
+    got = host_expert(x, block)
     assert got.dtype == np.float32 and np.abs(got - want).max() < 1e-5
 
 
@@ -280,19 +331,17 @@ def test_placement_config_errors():
         placement_from_config({"host_layers": [4]}, 4, 8)
     with pytest.raises(ValueError, match="host_experts entry"):
         placement_from_config({"host_experts": [[0, 8]]}, 4, 8)
-    assert from_host_compute("never") == {} and from_host_compute("auto") == {"mode": "auto"}
-    assert from_host_compute([0, 2]) == {"host_layers": [0, 2]}
     placement = placement_from_config({"host_layers": [1], "host_experts": [[2, 3]]}, 4, 8)
     assert placement.on_host(1, 0, 1, True) and placement.on_host(2, 3, 5, True)
     assert not placement.on_host(2, 4, 1, False)
 
 
-def test_router_predictor_reproduces_the_router(model_dir):
-    """Applied to a layer's own MoE input, the predictor's guess is exactly the graph router's top-k."""
-    checkpoint = Checkpoint(model_dir)
-    routers = [checkpoint.layer_weights(layer)["router"] for layer in range(SHAPE.layers)]
-    predictor = RouterPredictor(routers, SHAPE.top_k)
-    engine = engine_from_checkpoint(model_dir, tiers=TIERS["split"], buckets=BUCKETS, max_context=CONTEXT)
+def test_router_predictor_reproduces_the_router(artifact):
+    """Applied to a layer's own MoE input, the predictor (routers from the artifact's dense weights, as
+    prefetch takes them) guesses exactly the graph router's top-k."""
+    dense = Artifact.open(artifact("split"))
+    predictor = RouterPredictor([dense.layer_weights(layer)["router"] for layer in range(SHAPE.layers)], SHAPE.top_k)
+    engine = engine_from_artifact(artifact("split"))
     seen = []
     original = engine.dispatcher.run
     engine.dispatcher.run = lambda layer, x, w, e: seen.append((layer, x.copy(), e.copy())) or original(layer, x, w, e)
@@ -306,19 +355,27 @@ def test_router_predictor_reproduces_the_router(model_dir):
 
 
 class ToyStore:
-    """3 layers x 6 experts of two small arrays whose values name their (layer, expert)."""
+    """3 layers x 6 experts, blocks of two small float32 arrays whose values name their (layer, expert)."""
+
+    parts = (BlockPart("gate_up", "float32", (4, 3), 0), BlockPart("down", "float32", (3, 2), 64))
+    block_bytes = 64 + 24
+    num_layers, num_experts = 3, 6
 
     def __init__(self):
-        self.layout = BlockLayout(((4, 3), (3, 2)))
-        self.num_layers, self.num_experts = 3, 6
-        self.blocks = {
-            (layer, expert): (np.full((4, 3), 10 * layer + expert, np.float32),
-                              np.full((3, 2), -(10 * layer + expert), np.float32))
-            for layer in range(3) for expert in range(6)
-        }
+        self.blocks = {}
+        for layer in range(3):
+            for expert in range(6):
+                raw = np.zeros(self.block_bytes, np.uint8)
+                raw[:48].view(np.float32)[:] = 10 * layer + expert
+                raw[64:].view(np.float32)[:] = -(10 * layer + expert)
+                self.blocks[layer, expert] = raw
+
+    def read_into(self, layer, expert, out):
+        out[: self.block_bytes] = self.blocks[layer, expert]
 
     def expert_block(self, layer, expert):
-        return self.blocks[layer, expert]
+        raw = self.blocks[layer, expert]
+        return raw[:48].view(np.float32).reshape(4, 3), raw[64:].view(np.float32).reshape(3, 2)
 
 
 @st.composite
@@ -364,12 +421,7 @@ def test_slot_provider_invariants_with_concurrent_prefetch(work):
     total = provider.counters.total()
     pool = provider.pool.counters
     assert (total.hits, total.misses, total.prefetch_issued) == (pool.hits, pool.misses, pool.prefetches)
-    assert total.bytes_streamed == pool.loads * store.layout.nbytes
-
-
-def test_host_store_rejects_bad_arrays():
-    with pytest.raises(ValueError, match="layer 0 down"):
-        HostExpertStore([(np.zeros((2, 4, 3), np.float32), np.zeros((2, 3, 3), np.float32))])
+    assert total.bytes_streamed == pool.loads * store.block_bytes
 
 
 def test_prefetcher_guesses_next_layer_and_reports_failure():
@@ -391,17 +443,3 @@ def test_prefetcher_guesses_next_layer_and_reports_failure():
     failing.drain()
     assert isinstance(failing.error, OSError)
     failing.close()
-
-
-def test_host_compute_refuses_narrow_blocks():
-    from types import SimpleNamespace
-
-    from offload.dispatch import ExpertDispatcher
-    from offload.placement import Placement
-
-    store = SimpleNamespace(layout=BlockLayout(((4, 3), (3, 2), (4,), (3,)), ("int8", "int8", "float32", "float32")))
-    spec = SimpleNamespace(hidden_size=3, num_layers=1, num_experts=2)
-    graphs = SimpleNamespace(expert_group=lambda tier: None)
-    with pytest.raises(ValueError, match="host compute reads float32"):
-        ExpertDispatcher(spec, from_config([{"capacity": 1, "group": 1}]), None, graphs,
-                         placement=Placement(host_layers=frozenset({0})), host_store=store)
