@@ -6,15 +6,18 @@ weight is ever transposed (copied) at run time.
 """
 from mindspore import nn, ops
 
-from kernels.build import library
+from kernels.build import VARIABLE, library
 
 
 def cpu_kernel(name: str, out_shape, out_dtype):
-    """The AOT custom op `name` of Ferry's CPU kernel library, or None where it is unavailable."""
-    path = library()
-    if path is None:
+    """The AOT custom op `name` of Ferry's CPU kernel library, or None where it is unavailable.
+
+    The op names the environment variable that holds the library's path, not the path
+    (`path_from_env`, see kernels/build.py): an exported graph holds no path of this machine."""
+    if library() is None:
         return None
-    return ops.Custom(f"{path}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+    op = ops.Custom(f"{VARIABLE}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+    return op.add_prim_attr("path_from_env", True)
 
 
 class Linear(nn.Cell):

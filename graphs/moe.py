@@ -51,17 +51,18 @@ class ExpertGroup(nn.Cell):
     After x come `counts` [G] int32 (the real rows of each slot; the rest is padding, zero in and
     zero out), then G `gate_up` weights [2I, H] (gate rows, then up rows), then G `down` weights
     [H, I], one pair per slot as separate inputs, so that no launch stacks (copies) expert weights.
-    On the CPU the whole group is one `FerryExperts` kernel call, which skips the padding rows.
+    On the CPU the whole group is one kernel call (`KERNEL`), which skips the padding rows; without
+    it (`FERRY_CPU_KERNELS=0`, other devices) each slot runs `expert` on MindSpore's operators.
     """
 
-    KERNEL: str | None = "FerryExperts"  # the CPU kernel for this storage format, if there is one
+    KERNEL = "FerryExperts"  # the CPU kernel for this storage format
 
     def __init__(self, slots: int, intermediate: int):
         super().__init__()
         self.slots = slots
         self.intermediate = intermediate
         self.linear = Linear()
-        self.kernel = cpu_kernel(self.KERNEL, lambda x, *shapes: x, lambda x, *dtypes: x) if self.KERNEL else None
+        self.kernel = cpu_kernel(self.KERNEL, lambda x, *shapes: x, lambda x, *dtypes: x)
         self.use_kernel = self.kernel is not None
 
     def construct(self, x, counts, *weights):
@@ -69,28 +70,30 @@ class ExpertGroup(nn.Cell):
             return self.kernel(x, counts, *weights)  # [G, C, H]
         outs = []
         for g in range(self.slots):
-            hidden = swiglu(self.linear(x[g], weights[g]), self.intermediate)  # [C, I]
-            outs.append(self.linear(hidden, weights[self.slots + g]))  # [C, H]
+            outs.append(self.expert(x[g], g, weights))  # [C, H]
         return ops.stack(outs)  # [G, C, H]
+
+    def expert(self, x, g, weights):
+        """Slot g's expert on x [C, H], from all slots' weights."""
+        hidden = swiglu(self.linear(x, weights[g]), self.intermediate)  # [C, I]
+        return self.linear(hidden, weights[self.slots + g])  # [C, H]
 
 
 class ExpertGroupFP16(ExpertGroup):
-    """ExpertGroup over FP16-stored weights: the same inputs in FP16, cast to FP32 inside the graph.
+    """ExpertGroup over FP16-stored weights: the same inputs in FP16, computed in FP32.
 
-    The CPU kernels compute in FP32 (their FP16 matmuls are several times slower), so the cast is
-    part of the launch; a device that computes in FP16 would drop it.
+    The CPU computes in FP32 (MindSpore's FP16 matmuls are several times slower there): the kernel
+    widens the weights in registers; the fallback casts each weight to FP32 inside the graph. A
+    device that computes in FP16 would drop the cast.
     """
 
-    KERNEL = None
+    KERNEL = "FerryExpertsF16"
 
-    def construct(self, x, counts, *weights):
-        outs = []
-        for g in range(self.slots):
-            gate_up = ops.cast(weights[g], mstype.float32)  # [2I, H]
-            down = ops.cast(weights[self.slots + g], mstype.float32)  # [H, I]
-            hidden = swiglu(self.linear(x[g], gate_up), self.intermediate)  # [C, I]
-            outs.append(self.linear(hidden, down))  # [C, H]
-        return ops.stack(outs)  # [G, C, H]
+    def expert(self, x, g, weights):
+        gate_up = ops.cast(weights[g], mstype.float32)  # [2I, H]
+        down = ops.cast(weights[self.slots + g], mstype.float32)  # [H, I]
+        hidden = swiglu(self.linear(x, gate_up), self.intermediate)  # [C, I]
+        return self.linear(hidden, down)  # [C, H]
 
 
 class ExpertGroupInt8(ExpertGroup):
@@ -101,14 +104,11 @@ class ExpertGroupInt8(ExpertGroup):
     matmul output ([C, 2I], [C, H]) rather than to the weight: the same value, fewer multiplies.
     """
 
-    KERNEL = None
+    KERNEL = "FerryExpertsI8"
 
-    def construct(self, x, counts, *weights):
-        g_count = self.slots
-        outs = []
-        for g in range(g_count):
-            gate_up = ops.cast(weights[g], mstype.float32)  # [2I, H] integer values
-            down = ops.cast(weights[g_count + g], mstype.float32)  # [H, I]
-            hidden = swiglu(self.linear(x[g], gate_up) * weights[2 * g_count + g], self.intermediate)  # [C, I]
-            outs.append(self.linear(hidden, down) * weights[3 * g_count + g])  # [C, H]
-        return ops.stack(outs)  # [G, C, H]
+    def expert(self, x, g, weights):
+        n = self.slots
+        gate_up = ops.cast(weights[g], mstype.float32)  # [2I, H] integer values
+        down = ops.cast(weights[n + g], mstype.float32)  # [H, I]
+        hidden = swiglu(self.linear(x, gate_up) * weights[2 * n + g], self.intermediate)  # [C, I]
+        return self.linear(hidden, down) * weights[3 * n + g]  # [C, H]

@@ -1,17 +1,23 @@
-// Ferry's CPU kernels, called from MindSpore graphs as AOT custom ops (ops.Custom, func_type="aot").
+// Ferry's CPU kernels, called from MindSpore graphs as AOT custom ops (ops.Custom, func_type="aot"),
+// and from the host on numpy arrays (kernels/host.py, through the same entry points).
 //
 // Why: on the CPU backend, an expert-group launch built from MindSpore's operators runs 2 x G
 // MatMuls plus slicing and SwiGLU ops, reads a decode token's expert weights at 10-15 GB/s, and
 // computes every padding row of every slot. One kernel call streams the weights at close to the
 // memory bandwidth (decode) or runs a register-blocked product over the real rows only (prefill).
 //
-//   FerryExperts  out [G, C, H] = G SwiGLU experts: inputs x [G, C, H], counts [G] int32 (real rows
-//                 per slot), then G gate_up [2I, H] (gate rows, then up rows), then G down [H, I].
-//                 Rows at or past counts[g] come out as zeros and cost nothing.
+//   FerryExperts     out [G, C, H] = G SwiGLU experts: inputs x [G, C, H], counts [G] int32 (real rows
+//                    per slot), then G gate_up [2I, H] (gate rows, then up rows), then G down [H, I].
+//                    Rows at or past counts[g] come out as zeros and cost nothing.
+//   FerryExpertsF16  the same with gate_up and down in float16.
+//   FerryExpertsI8   the same with gate_up and down in int8, then G gate_up_scale [2I] and G down_scale
+//                    [H] float32: each weight row's dot products are multiplied by that row's scale.
 //
-// Arithmetic is FP32 with FMA; each output element is one dot product summed in a fixed order, so
-// results do not depend on the thread count or on which slot holds an expert.
-// Threads: the calling thread plus FERRY_CPU_THREADS - 1 persistent workers (default: all cores).
+// Narrow weights are widened to FP32 in registers, 8 at a time, so they are read from memory at their
+// stored width. Arithmetic is FP32 with FMA; each output element is one dot product summed in a fixed
+// order, so results do not depend on the thread count, on which slot holds an expert, or on the other
+// rows of the launch. Threads: the calling thread plus FERRY_CPU_THREADS - 1 persistent workers
+// (default: all cores).
 #include <immintrin.h>
 
 #include <atomic>
@@ -22,10 +28,11 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
-#if !defined(__AVX2__) || !defined(__FMA__)
-#error "Ferry's CPU kernels need AVX2 and FMA"
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "Ferry's CPU kernels need AVX2, FMA and F16C"
 #endif
 
 namespace {
@@ -107,9 +114,23 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// y[m * y_stride + r] = x[m, :] . w[r, :] for NR rows of w and MR rows of x (a register block).
-template <int NR, int MR>
-inline void dot_block(const float *x, const float *w, int64_t K, float *y, int64_t y_stride) {
+// The weight formats, each widened to FP32: 8 at a time into a register, or one at a time.
+// FP16 weights are passed as their IEEE half bits (uint16_t).
+inline __m256 load8(const float *w) { return _mm256_loadu_ps(w); }
+inline __m256 load8(const uint16_t *w) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w)));
+}
+inline __m256 load8(const int8_t *w) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(w))));
+}
+inline float widen(float w) { return w; }
+inline float widen(uint16_t w) { return _cvtsh_ss(w); }
+inline float widen(int8_t w) { return static_cast<float>(w); }
+
+// y[m * y_stride + r] = (x[m, :] . w[r, :]) * scale[r] for NR rows of w and MR rows of x (a register
+// block); no scale (nullptr) means 1.
+template <int NR, int MR, typename W>
+inline void dot_block(const float *x, const W *w, int64_t K, const float *scale, float *y, int64_t y_stride) {
   __m256 acc[NR][MR];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -118,34 +139,35 @@ inline void dot_block(const float *x, const float *w, int64_t K, float *y, int64
     __m256 xv[MR];
     for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
     for (int r = 0; r < NR; ++r) {
-      const __m256 wv = _mm256_loadu_ps(w + r * K + k);
+      const __m256 wv = load8(w + r * K + k);
       for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
     }
   }
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) {
       float sum = hsum(acc[r][m]);
-      for (int64_t k = vector_end; k < K; ++k) sum += x[m * K + k] * w[r * K + k];
-      y[m * y_stride + r] = sum;
+      for (int64_t k = vector_end; k < K; ++k) sum += x[m * K + k] * widen(w[r * K + k]);
+      y[m * y_stride + r] = scale ? sum * scale[r] : sum;
     }
 }
 
-template <int NR>
-inline void dot_rows(const float *x, int64_t M, const float *w, int64_t K, float *y, int64_t y_stride) {
+template <int NR, typename W>
+inline void dot_rows(const float *x, int64_t M, const W *w, int64_t K, const float *scale, float *y, int64_t y_stride) {
   int64_t m = 0;
-  for (; m + 3 <= M; m += 3) dot_block<NR, 3>(x + m * K, w, K, y + m * y_stride, y_stride);
-  if (M - m == 2) dot_block<NR, 2>(x + m * K, w, K, y + m * y_stride, y_stride);
-  if (M - m == 1) dot_block<NR, 1>(x + m * K, w, K, y + m * y_stride, y_stride);
+  for (; m + 3 <= M; m += 3) dot_block<NR, 3>(x + m * K, w, K, scale, y + m * y_stride, y_stride);
+  if (M - m == 2) dot_block<NR, 2>(x + m * K, w, K, scale, y + m * y_stride, y_stride);
+  if (M - m == 1) dot_block<NR, 1>(x + m * K, w, K, scale, y + m * y_stride, y_stride);
 }
 
-// y[m * y_stride + r] = x[m, :] . w[r, :] for m < M and r < count <= 4 (w [count, K]).
-inline void dot_columns(const float *x, int64_t M, const float *w, int64_t count, int64_t K, float *y,
+// y[m * y_stride + r] = (x[m, :] . w[r, :]) * scale[r] for m < M and r < count <= 4 (w [count, K]).
+template <typename W>
+inline void dot_columns(const float *x, int64_t M, const W *w, int64_t count, int64_t K, const float *scale, float *y,
                         int64_t y_stride) {
   switch (count) {
-    case 4: dot_rows<4>(x, M, w, K, y, y_stride); break;
-    case 3: dot_rows<3>(x, M, w, K, y, y_stride); break;
-    case 2: dot_rows<2>(x, M, w, K, y, y_stride); break;
-    default: dot_rows<1>(x, M, w, K, y, y_stride); break;
+    case 4: dot_rows<4>(x, M, w, K, scale, y, y_stride); break;
+    case 3: dot_rows<3>(x, M, w, K, scale, y, y_stride); break;
+    case 2: dot_rows<2>(x, M, w, K, scale, y, y_stride); break;
+    default: dot_rows<1>(x, M, w, K, scale, y, y_stride); break;
   }
 }
 
@@ -154,16 +176,21 @@ inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 constexpr int64_t kBlock = 4;  // weight rows per register block
 constexpr int64_t kChunk = 8;  // register blocks per work item handed to a thread
 
-}  // namespace
-
-extern "C" int FerryExperts(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  const int64_t G = shapes[0][0], C = shapes[0][1], H = shapes[0][2], I = shapes[2][0] / 2;
-  if (nparam != 3 + 2 * G) return 1;
+// One expert-group launch with weights of type W; int8 weights come with per-row scales.
+template <typename W>
+int expert_group(int nparam, void **params, int64_t **shapes) {
+  constexpr bool scaled = std::is_same_v<W, int8_t>;
+  constexpr int64_t parts = scaled ? 4 : 2;  // inputs per slot
+  const int64_t G = shapes[0][0], C = shapes[0][1], H = shapes[0][2];
+  if (nparam != 3 + parts * G || shapes[2][1] != H) return 1;
+  const int64_t I = shapes[2][0] / 2;
   const auto *x = static_cast<const float *>(params[0]);
   const auto *counts = static_cast<const int32_t *>(params[1]);
-  const auto *const *gate_up = reinterpret_cast<const float *const *>(params + 2);
-  const auto *const *down = reinterpret_cast<const float *const *>(params + 2 + G);
-  auto *out = static_cast<float *>(params[2 + 2 * G]);
+  const auto *const *gate_up = reinterpret_cast<const W *const *>(params + 2);
+  const auto *const *down = reinterpret_cast<const W *const *>(params + 2 + G);
+  const auto *const *gate_up_scale = scaled ? reinterpret_cast<const float *const *>(params + 2 + 2 * G) : nullptr;
+  const auto *const *down_scale = scaled ? reinterpret_cast<const float *const *>(params + 2 + 3 * G) : nullptr;
+  auto *out = static_cast<float *>(params[2 + parts * G]);
   std::vector<int64_t> rows(G);
   for (int64_t g = 0; g < G; ++g) rows[g] = counts[g] < 0 ? 0 : (counts[g] > C ? C : counts[g]);
   thread_local std::vector<float> hidden_buffer;
@@ -177,12 +204,14 @@ extern "C" int FerryExperts(int nparam, void **params, int *, int64_t **shapes, 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / gate_blocks, i = (item % gate_blocks) * kBlock;
       const int64_t count = I - i < kBlock ? I - i : kBlock;
-      const float *w = gate_up[g];
+      const W *w = gate_up[g];
+      const float *gate_scale = scaled ? gate_up_scale[g] + i : nullptr;
+      const float *up_scale = scaled ? gate_up_scale[g] + I + i : nullptr;
       for (int64_t m0 = 0; m0 < rows[g]; m0 += 64) {
         const int64_t m_count = rows[g] - m0 < 64 ? rows[g] - m0 : 64;
         const float *xg = x + (g * C + m0) * H;
-        dot_columns(xg, m_count, w + i * H, count, H, gate, kBlock);
-        dot_columns(xg, m_count, w + (I + i) * H, count, H, up, kBlock);
+        dot_columns(xg, m_count, w + i * H, count, H, gate_scale, gate, kBlock);
+        dot_columns(xg, m_count, w + (I + i) * H, count, H, up_scale, up, kBlock);
         for (int64_t m = 0; m < m_count; ++m)
           for (int64_t j = 0; j < count; ++j)
             hidden[(g * C + m0 + m) * I + i + j] = silu(gate[m * kBlock + j]) * up[m * kBlock + j];
@@ -193,10 +222,25 @@ extern "C" int FerryExperts(int nparam, void **params, int *, int64_t **shapes, 
   WorkerPool::get().run(G * down_blocks, kChunk, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / down_blocks, n = (item % down_blocks) * kBlock;
-      const float *w = down[g];
-      dot_columns(hidden + g * C * I, rows[g], w + n * I, H - n < kBlock ? H - n : kBlock, I, out + g * C * H + n, H);
+      const float *scale = scaled ? down_scale[g] + n : nullptr;
+      dot_columns(hidden + g * C * I, rows[g], down[g] + n * I, H - n < kBlock ? H - n : kBlock, I, scale,
+                  out + g * C * H + n, H);
     }
   });
   for (int64_t g = 0; g < G; ++g) std::memset(out + (g * C + rows[g]) * H, 0, sizeof(float) * (C - rows[g]) * H);
   return 0;
+}
+
+}  // namespace
+
+extern "C" int FerryExperts(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return expert_group<float>(nparam, params, shapes);
+}
+
+extern "C" int FerryExpertsF16(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return expert_group<uint16_t>(nparam, params, shapes);
+}
+
+extern "C" int FerryExpertsI8(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return expert_group<int8_t>(nparam, params, shapes);
 }

@@ -15,9 +15,10 @@ to MindSpore's own kernel threads, a 1-token host expert took 12 ms with the def
 ~1.1x. `limit_blas_threads(1)` sets numpy's BLAS to one thread for the whole process.
 
 Host compute reads the host store's blocks in their storage dtype (fp32, fp16, int8 with scales)
-and widens them to FP32. Its results differ from the graph's in the last bits (numpy's and the
-graph kernels' matmuls sum in different orders), so runs with host compute match the all-device
-run to ~1e-6, not bit for bit.
+through the same CPU kernel the expert-group graphs call, so an expert's output is the graph's bit
+for bit; it is added to its tokens after the layer's launches, in another order than in an
+all-device run, so logits match that run to ~1e-6, not bit for bit. Without the kernel
+(`FERRY_CPU_KERNELS=0`, no compiler) numpy computes it, widened to FP32, within the same bound.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import numpy as np
 import mindspore as ms
 
 from convert.store import decode_block
+from kernels.host import host_kernels
 from offload.offloaded import slot_buffers
 from offload.policies import Key
 from offload.tiers import TierSet, split_load
@@ -59,9 +61,14 @@ def limit_blas_threads(threads: int) -> bool:
 
 
 def host_expert(x: np.ndarray, block: Mapping[str, np.ndarray]) -> np.ndarray:
-    """One SwiGLU expert in numpy, float32, from a block's arrays by part name (`convert.store`):
-    x [n, H], gate_up [2I, H], down [H, I] (fp32, fp16, or int8 with per-row scales) -> [n, H].
-    Narrow weights are widened to FP32 (int8 times its scales), the values the graphs compute with."""
+    """One SwiGLU expert on the host from a block's arrays by part name (`convert.store`): x [n, H],
+    gate_up [2I, H], down [H, I] (fp32, fp16, or int8 with per-row scales) -> [n, H] float32.
+
+    Through the graphs' own CPU kernel where it is built (`kernels.host`: narrow weights widened in
+    registers, the graph's numbers bit for bit); else in numpy, narrow weights widened to FP32 first."""
+    kernels = host_kernels()
+    if kernels is not None:
+        return kernels.expert(x, block)
     gate_up, down = decode_block(block)
     both = x @ gate_up.T  # [n, 2I]
     i = down.shape[1]

@@ -42,8 +42,8 @@ class ExportedGraphs:
     """Implements `runtime.graph_set.GraphSet` from an artifact's graph files."""
 
     def __init__(self, artifact: Artifact):
-        # expert-group graphs exported on the CPU call Ferry's kernel library by its cache path
-        # (named by the source hash): build it again if that cache was cleared since the export
+        # expert-group graphs exported on the CPU find Ferry's kernel library through an environment
+        # variable (kernels/build.py): build the library for this machine and set it before they load
         library()
         self.artifact = artifact
         self.manifest = artifact.manifest

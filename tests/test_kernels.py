@@ -1,12 +1,16 @@
-"""Ferry's CPU kernel (kernels/ferry_cpu.cc) against numpy, and the engine with it switched off.
+"""Ferry's CPU kernels (kernels/ferry_cpu.cc) against numpy, and the engine with them switched off.
 
-The kernel runs every expert group on the CPU, so it is checked at the shapes that exercise its
-remainders (rows not a multiple of the 4 x 3 register block, widths not a multiple of 8), and the
-whole engine is checked to give the oracle's logits both with the kernel and with MindSpore's own
-operators (FERRY_CPU_KERNELS=0), and the same logits with 1 or 2 kernel threads.
+The kernels run every expert group on the CPU, in each storage format (fp32, fp16, int8), so they
+are checked at the shapes that exercise their remainders (rows not a multiple of the 4 x 3 register
+block, widths not a multiple of 8, more rows than one 64-row pass), against the MindSpore-ops
+fallback of the same Cells, and through their host entry (kernels/host.py). The whole engine is
+checked to give the oracle's logits both with the kernels and with MindSpore's own operators
+(FERRY_CPU_KERNELS=0), and the same logits with 1 or 2 kernel threads; exported graphs are checked
+to run in a process whose kernel cache is elsewhere.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +23,39 @@ from mindspore import nn
 
 from checkpoints import TinyShape, load_oracle, write_checkpoint
 from graphs.common import cpu_kernel
-from kernels.build import KernelBuildError, build
+from graphs.moe import ExpertGroup, ExpertGroupFP16, ExpertGroupInt8
+from kernels import build as kernel_build
+from kernels.build import KernelBuildError, build, cache_key, cpu_features
+from kernels.host import PARTS, host_kernels
+
+GROUPS = {"fp32": ExpertGroup, "fp16": ExpertGroupFP16, "int8": ExpertGroupInt8}
+ROOT = Path(__file__).parents[1]
+
+# argv: a directory of <dtype>.npz expert-group inputs, then "export" (<dtype>.mindir beside each) or
+# "load" (print each graph's output)
+EXPORT_OR_LOAD = """
+import json, sys
+from pathlib import Path
+import numpy as np
+import mindspore as ms
+from mindspore import nn
+from runtime.backend import configure
+configure()
+from graphs.moe import ExpertGroup, ExpertGroupFP16, ExpertGroupInt8
+from kernels.build import library
+outputs = {}
+for dtype, group in {"fp32": ExpertGroup, "fp16": ExpertGroupFP16, "int8": ExpertGroupInt8}.items():
+    graph = Path(sys.argv[1]) / dtype
+    saved = np.load(graph.with_suffix(".npz"))
+    inputs = [ms.Tensor(saved[f"arr_{n}"]) for n in range(len(saved))]
+    if sys.argv[2] == "export":
+        cell = group(len(saved["arr_1"]), saved["arr_2"].shape[0] // 2)  # slots from counts, I from gate_up [2I, H]
+        ms.export(cell, *inputs, file_name=str(graph), file_format="MINDIR")
+    else:
+        library()  # builds into this process's cache and names it for the graphs, as ExportedGraphs does
+        outputs[dtype] = nn.GraphCell(ms.load(str(graph.with_suffix(".mindir"))))(*inputs).asnumpy().tolist()
+print(json.dumps(outputs))
+"""
 
 RUN_ENGINE = """
 import json, sys
@@ -39,9 +75,9 @@ print(json.dumps(np.concatenate(logits).tolist()))
 
 
 class ExpertsOp(nn.Cell):
-    def __init__(self):
+    def __init__(self, name: str):
         super().__init__()
-        self.op = cpu_kernel("FerryExperts", lambda x, *shapes: x, lambda x, *dtypes: x)
+        self.op = cpu_kernel(name, lambda x, *shapes: x, lambda x, *dtypes: x)
 
     def construct(self, x, counts, *weights):
         return self.op(x, counts, *weights)
@@ -51,30 +87,116 @@ def silu(v):
     return v / (1 + np.exp(-v))
 
 
+def expert_weights(rng, dtype: str, slots: int, hidden: int, intermediate: int):
+    """Random slot inputs in graph order, and each slot's (gate_up, down) as the float64 values they stand for."""
+    if dtype == "int8":
+        q_up = [rng.integers(-127, 128, (2 * intermediate, hidden), dtype=np.int8) for _ in range(slots)]
+        q_down = [rng.integers(-127, 128, (hidden, intermediate), dtype=np.int8) for _ in range(slots)]
+        s_up = [(rng.uniform(0.5, 1.5, 2 * intermediate) / 127).astype(np.float32) for _ in range(slots)]
+        s_down = [(rng.uniform(0.5, 1.5, hidden) / 127).astype(np.float32) for _ in range(slots)]
+        exact = [(q.astype(np.float64) * s[:, None], d.astype(np.float64) * t[:, None])
+                 for q, s, d, t in zip(q_up, s_up, q_down, s_down)]
+        return q_up + q_down + s_up + s_down, exact
+    kind = np.float16 if dtype == "fp16" else np.float32
+    up = [rng.standard_normal((2 * intermediate, hidden)).astype(kind) for _ in range(slots)]
+    down = [rng.standard_normal((hidden, intermediate)).astype(kind) for _ in range(slots)]
+    return up + down, [(u.astype(np.float64), d.astype(np.float64)) for u, d in zip(up, down)]
+
+
+def expert_reference(x, gate_up, down):
+    """One SwiGLU expert in float64: x [n, H] -> [n, H]."""
+    both = x.astype(np.float64) @ gate_up.T  # [n, 2I]
+    i = down.shape[1]
+    return (silu(both[:, :i]) * both[:, i:]) @ down.T  # [n, H]
+
+
+def run(cell, x, counts, weights) -> np.ndarray:
+    return cell(ms.Tensor(x), ms.Tensor(np.array(counts, np.int32)), *map(ms.Tensor, weights)).asnumpy()
+
+
+@pytest.mark.parametrize("dtype", GROUPS)
 @pytest.mark.parametrize("hidden,intermediate,capacity,counts", [
     (29, 10, 7, [1, 1, 1]), (29, 10, 7, [0, 5, 2]), (29, 10, 7, [7, 0, 7]), (29, 10, 7, [3, 7, 6]),
     (256, 64, 70, [70, 1, 64]),  # more rows than one 64-row pass
 ])
-def test_experts_match_numpy_and_skip_padding(hidden, intermediate, capacity, counts):
+def test_experts_match_numpy_and_skip_padding(dtype, hidden, intermediate, capacity, counts):
     """Widths that are not multiples of the 8-lane vectors or of the 4 x 3 register block."""
     rng = np.random.default_rng(sum(counts))
     x = rng.standard_normal((len(counts), capacity, hidden)).astype(np.float32)
-    gate_up = [rng.standard_normal((2 * intermediate, hidden)).astype(np.float32) for _ in counts]
-    down = [rng.standard_normal((hidden, intermediate)).astype(np.float32) for _ in counts]
-    ours = ExpertsOp()(ms.Tensor(x), ms.Tensor(np.array(counts, np.int32)),
-                       *map(ms.Tensor, gate_up + down)).asnumpy()
+    weights, exact = expert_weights(rng, dtype, len(counts), hidden, intermediate)
+    ours = run(ExpertsOp(GROUPS[dtype].KERNEL), x, counts, weights)
     for g, count in enumerate(counts):
-        both = x[g, :count].astype(np.float64) @ gate_up[g].T
-        expected = (silu(both[:, :intermediate]) * both[:, intermediate:]) @ down[g].T
+        expected = expert_reference(x[g, :count], *exact[g])
         np.testing.assert_allclose(ours[g, :count], expected, rtol=1e-4, atol=1e-4 * np.sqrt(hidden))
         assert not ours[g, count:].any(), f"slot {g}: padding rows past {count} must come out zero"
 
 
-def test_build_is_cached(tmp_path):
+@pytest.mark.parametrize("dtype", GROUPS)
+def test_kernel_matches_the_mindspore_fallback(dtype):
+    """The kernel and the same Cell on MindSpore's operators (what FERRY_CPU_KERNELS=0 runs) agree to
+    FP32 rounding: 1e-5 of the largest output (both sum FP32 products, in different orders)."""
+    rng = np.random.default_rng(5)
+    counts = [70, 3, 0]
+    x = rng.standard_normal((3, 70, 37)).astype(np.float32)
+    x[np.arange(70)[None, :] >= np.array(counts)[:, None]] = 0  # padding rows are zero in, as the dispatcher sends them
+    weights, _ = expert_weights(rng, dtype, 3, 37, 10)
+    kernel, fallback = GROUPS[dtype](3, 10), GROUPS[dtype](3, 10)
+    fallback.use_kernel = False
+    assert kernel.use_kernel, "the kernel library did not build"
+    ours, theirs = run(kernel, x, counts, weights), run(fallback, x, counts, weights)
+    assert np.abs(theirs).max() > 1
+    assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+
+
+@pytest.mark.parametrize("dtype", GROUPS)
+def test_host_kernels_give_the_graph_result_bit_for_bit(dtype):
+    """Host compute through kernels/host.py equals the expert-group graph, per group and per expert
+    (a row's result does not depend on the other rows of its launch)."""
+    rng = np.random.default_rng(7)
+    counts = np.array([5, 0, 70], np.int32)
+    x = rng.standard_normal((3, 70, 37)).astype(np.float32)
+    weights, _ = expert_weights(rng, dtype, 3, 37, 10)
+    graph = run(GROUPS[dtype](3, 10), x, counts, weights)
+    host = host_kernels()
+    np.testing.assert_array_equal(host.expert_group(x, counts, weights), graph)
+    slots, slot, rows = 3, 2, 32  # 32 rows: 10 x 3 + 2, where the graph's 70 rows are 23 x 3 + 1
+    block = {part: weights[index * slots + slot] for index, part in enumerate(PARTS[: len(weights) // slots])}
+    np.testing.assert_array_equal(host.expert(x[slot, :rows], block), graph[slot, :rows])
+
+
+def test_host_kernels_reject_inputs_that_do_not_fit():
+    host = host_kernels()
+    x = np.zeros((2, 3, 16), np.float32)
+    counts = np.full(2, 3, np.int32)
+    weights = [np.zeros((8, 16), np.float16)] * 2 + [np.zeros((16, 4), np.float16), np.zeros((16, 5), np.float16)]
+    with pytest.raises(ValueError, match=r"down\[1\]: expected float16 \(16, 4\), got float16 \(16, 5\)"):
+        host.expert_group(x, counts, weights)
+    with pytest.raises(ValueError, match="weights of dtype"):
+        host.expert_group(x, counts, [w.astype(np.float64) for w in weights])
+
+
+def test_host_kernels_are_none_when_switched_off(monkeypatch):
+    monkeypatch.setenv("FERRY_CPU_KERNELS", "0")
+    kernel_build.compiled.cache_clear()
+    host_kernels.cache_clear()
+    try:
+        assert host_kernels() is None
+    finally:
+        monkeypatch.undo()
+        kernel_build.compiled.cache_clear()
+        host_kernels.cache_clear()
+    assert host_kernels() is not None
+
+
+def test_build_is_cached_per_cpu(tmp_path):
     first = build(tmp_path)
     stamp = first.stat().st_mtime_ns
     assert build(tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in first.parent.iterdir()] == ["libferry_cpu.so"]
+    compiler = shutil.which("g++")
+    assert first.parent.name == cache_key(compiler, cpu_features())
+    assert "avx2" in cpu_features().split()
+    assert cache_key(compiler, cpu_features() + " avx512f") != first.parent.name
 
 
 def test_failed_build_names_the_compiler_and_leaves_nothing(tmp_path, monkeypatch):
@@ -97,13 +219,50 @@ def tiny(tmp_path_factory):
     return model_dir, ids, reference
 
 
+def python(*args: str, **env: str) -> str:
+    """The last line printed by `python args` in a fresh process with `env` set (it must succeed)."""
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.splitlines()[-1]
+
+
 def engine_logits(model_dir: Path, ids: list[int], source: str = "checkpoint", **env: str) -> np.ndarray:
     """Logits of a 20-token prefill and 4 decode steps, from a fresh process with `env` set."""
-    done = subprocess.run([sys.executable, "-c", RUN_ENGINE, str(model_dir), json.dumps(ids), source],
-                          capture_output=True, text=True, env={**os.environ, **env},
-                          cwd=Path(__file__).parents[1])
-    assert done.returncode == 0, done.stderr[-3000:]
-    return np.array(json.loads(done.stdout.splitlines()[-1]), np.float32)
+    return np.array(json.loads(python("-c", RUN_ENGINE, str(model_dir), json.dumps(ids), source, **env)), np.float32)
+
+
+def assert_no_machine_paths(graph: Path, *paths: Path) -> None:
+    """An exported graph names the kernel library by its variable, never by a path of this machine."""
+    data = graph.read_bytes()
+    assert b"libferry_cpu" not in data, f"{graph.name} names the kernel library file"
+    for path in paths:
+        assert str(path).encode() not in data, f"{graph.name} holds the path {path}"
+
+
+def test_exported_graphs_run_with_the_kernels_built_elsewhere(tmp_path):
+    """Exported with kernel cache A, then run in a process whose cache B is empty (A removed): each
+    storage format's expert group finds the library B builds, and computes what numpy does."""
+    graphs, cache_a, cache_b = tmp_path / "graphs", tmp_path / "a", tmp_path / "b"
+    graphs.mkdir()
+    rng = np.random.default_rng(3)
+    counts, exact = [5, 2], {}
+    for dtype in GROUPS:
+        x = rng.standard_normal((2, 5, 37)).astype(np.float32)
+        weights, exact[dtype] = expert_weights(rng, dtype, 2, 37, 10)
+        np.savez(graphs / dtype, x, np.array(counts, np.int32), *weights)
+        exact[dtype] = [expert_reference(x[g, :count], *exact[dtype][g]) for g, count in enumerate(counts)]
+    python("-c", EXPORT_OR_LOAD, str(graphs), "export", FERRY_CACHE=str(cache_a))
+    assert list(cache_a.rglob("*.so")), "the export used the kernel library"
+    shutil.rmtree(cache_a)
+    outputs = json.loads(python("-c", EXPORT_OR_LOAD, str(graphs), "load", FERRY_CACHE=str(cache_b)))
+    assert list(cache_b.rglob("*.so")), "the load built the kernel library in its own cache"
+    for dtype in GROUPS:
+        assert_no_machine_paths(graphs / f"{dtype}.mindir", tmp_path, Path.home())
+        ours = np.array(outputs[dtype], np.float32)  # [G, C, H]
+        for g, count in enumerate(counts):
+            np.testing.assert_allclose(ours[g, :count], exact[dtype][g], rtol=1e-4, atol=1e-4 * np.sqrt(37))
+            assert not ours[g, count:].any()
 
 
 def test_engine_matches_oracle_without_kernels(tiny):
@@ -120,18 +279,17 @@ def test_kernel_results_do_not_depend_on_thread_count(tiny):
     assert np.abs(two - reference).max() <= 1e-4
 
 
-def test_artifact_loads_after_the_kernel_cache_is_cleared(tiny, tmp_path):
-    """Exported expert-group graphs name the kernel library by path; loading rebuilds it there."""
+def test_artifact_loads_with_another_kernel_cache(tiny, tmp_path):
+    """An artifact converted with kernel cache A runs from a process whose cache B is empty, A removed:
+    loading builds the library in B (runtime/exported.py)."""
     model_dir, ids, reference = tiny
-    env = {"FERRY_CACHE": str(tmp_path / "cache")}
-    convert = subprocess.run([sys.executable, "-m", "convert", "--model-dir", str(model_dir), "--out",
-                              str(tmp_path / "artifact")], capture_output=True, text=True,
-                             env={**os.environ, **env}, cwd=Path(__file__).parents[1])
-    assert convert.returncode == 0, convert.stderr[-3000:]
-    built = list((tmp_path / "cache").rglob("*.so"))
-    assert built, "convert on the CPU exports expert groups that call the kernel library"
-    for library in built:
-        library.unlink()
-    ours = engine_logits(tmp_path / "artifact", ids, "artifact", **env)
-    assert list((tmp_path / "cache").rglob("*.so")), "the kernel library was not rebuilt"
+    cache_a, cache_b = tmp_path / "a", tmp_path / "b"
+    python("-m", "convert", "--model-dir", str(model_dir), "--out", str(tmp_path / "artifact"),
+           FERRY_CACHE=str(cache_a))
+    assert list(cache_a.rglob("*.so")), "convert on the CPU exports expert groups that call the kernel library"
+    shutil.rmtree(cache_a)
+    for graph in (tmp_path / "artifact").rglob("*.mindir"):
+        assert_no_machine_paths(graph, tmp_path, Path.home())
+    ours = engine_logits(tmp_path / "artifact", ids, "artifact", FERRY_CACHE=str(cache_b))
+    assert list(cache_b.rglob("*.so")), "the kernel library was not built in the loading process's cache"
     assert np.abs(ours - reference).max() <= 1e-4
