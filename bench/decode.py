@@ -1,16 +1,18 @@
-"""Decode speed at Qwen3.6-35B-A3B's real layer widths, side by side in one run.
+"""Decode speed at Qwen3.6-35B-A3B's real layer widths, per expert storage dtype, side by side in one run.
 
-    python bench/decode.py            # 4 layers (3 DeltaNet + 1 attention), 32 decode tokens
+    python bench/decode.py            # 4 layers (3 DeltaNet + 1 attention), 16 decode tokens, 3 rounds
 
-Prints Ferry's decode tokens/s and ms per layer with every expert resident; the same through the
-offload controller at expert budgets of 50%, 25% and 10% of the experts, with prefetch off and on
-(LRU slots; experts streamed from a memory-mapped FP32 block file); transformers eager on the same
-checkpoint with the same thread count and prompt; and the bandwidth bound (bytes of weights one
-decode token reads / memory bandwidth measured in this run); then the ratios. Each model runs in
-its own process, one after the other, so they never share memory. On shared machines single runs
-swing by +-30%, so resident Ferry and transformers run `--rounds` times, alternating, and the
-medians (and every round's ratio) are printed; the offloaded runs are compared to that median.
+The checkpoint (`bench.realwidth`, BF16, random weights) is converted once per storage dtype
+(fp32, fp16, int8) to an artifact, as `run.py` would convert it. For each dtype Ferry decodes with
+every expert resident and with a pool of `--fraction` of the experts (LRU, prefetch on, blocks
+streamed from the artifact's experts.bin); transformers eager decodes the same checkpoint with the
+same thread count and prompt. Printed per contender: ms per token, MB a decode token reads (dense
+FP32 weights, its top-k experts per layer in the storage dtype, head, KV cache), MB streamed per
+token, and the bandwidth bound (bytes read / the best read bandwidth measured in this run).
 
+Every contender runs in its own process, one after the other, so two never share memory; on
+shared machines single runs swing by +-30%, so the contenders run `--rounds` times, taking turns
+within each round, and the medians (with every round's ratio for resident FP32) are printed.
 The routing trace is the model's own: a fixed random 32-token prompt, then greedy decoding. The
 weights are random, so consecutive tokens share experts about as often as chance allows: a
 pessimistic stand-in for a trained model's locality.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.realwidth import real_width_checkpoint, real_width_spec  # noqa: E402
+from bench.realwidth import real_width_artifact, real_width_checkpoint, real_width_spec  # noqa: E402
+
+DTYPES = ("fp32", "fp16", "int8")
 
 
 def prompt_ids(length: int, vocab: int) -> list[int]:
@@ -48,55 +53,38 @@ def timed_decode(engine, prompt: list[int], tokens: int, on_prefill=None) -> tup
     return out, time.perf_counter() - start
 
 
-def offload_worker(model_dir: Path, prompt: list[int], tokens: int, threads: int, fraction: float,
-                   prefetch: bool) -> dict:
+def ferry_worker(artifact: Path, spec, prompt: list[int], tokens: int, threads: int, fraction: float | None) -> dict:
+    """Ferry over the artifact, every expert resident (fraction None) or a pool of that fraction."""
+    from bench.measure import TimedGraphs
+    from offload.residence import Residence
     from runtime.backend import configure
-    from runtime.build import engine_with_offload
-    from runtime.engine import Buckets
+    from runtime.build import engine_from_artifact
 
     configure(threads=threads)
-    spec = real_width_spec()
-    block_file = model_dir.parent / f"{model_dir.name}.blocks"
-    budget = int(fraction * spec.num_layers * spec.num_experts * spec.expert_params * 4)
-    engine = engine_with_offload(model_dir, budget_bytes=budget, policy="lru", prefetch=prefetch, store="mmap",
-                                 store_path=block_file, store_populate=True, buckets=Buckets((64,)),
-                                 max_context=len(prompt) + tokens + 1)
-    timed_decode(engine, prompt, tokens)  # compile, and warm the slots
+    total = spec.num_layers * spec.num_experts
+    residence = None if fraction is None else Residence(int(fraction * total), total, "lru", prefetch=True)
+    engine = engine_from_artifact(artifact, residence)
+    timed = TimedGraphs(engine.graphs)  # per-kind graph time: wrap the engine's and the dispatcher's launches
+    engine.graphs = timed
+    engine.dispatcher.groups = [timed.timed("experts", group) for group in engine.dispatcher.groups]
+    timed_decode(engine, prompt, tokens)  # compile every shape once, and warm the slots
     stats = engine.dispatcher.stats
     marks = {}
-    ids, seconds = timed_decode(engine, prompt, tokens, on_prefill=lambda: marks.update(stats.to_dict()["total"]))
-    total = stats.to_dict()["total"]
+
+    def mark():
+        timed.seconds.clear()
+        marks.update(stats.to_dict()["total"])
+
+    ids, seconds = timed_decode(engine, prompt, tokens, on_prefill=mark)
+    total_counts = stats.to_dict()["total"]
     engine.close()
-    streamed = total["bytes_streamed"] - marks["bytes_streamed"]
-    stalled = total["stall_s"] - marks["stall_s"]
-    return {"ids": ids, "ms_per_token": seconds / (tokens - 1) * 1e3,
-            "mb_streamed_per_token": streamed / (tokens - 1) / 1e6, "stall_fraction": stalled / seconds}
-
-
-def ferry_worker(model_dir: Path, prompt: list[int], tokens: int, threads: int) -> dict:
-    from convert.checkpoint import Checkpoint
-    from offload.dispatch import ExpertDispatcher, ResidentExperts
-    from runtime.backend import configure
-    from runtime.build import default_tiers
-    from runtime.engine import Buckets, Engine
-    from runtime.graph_set import CellGraphs
-
-    from bench.measure import TimedGraphs
-
-    configure(threads=threads)
-    checkpoint = Checkpoint(model_dir)
-    spec = checkpoint.spec
-    context = len(prompt) + tokens + 1
-    timed = TimedGraphs(CellGraphs(spec, context))
-    experts = ResidentExperts([checkpoint.layer_experts(layer) for layer in range(spec.num_layers)])
-    dispatcher = ExpertDispatcher(spec, default_tiers(spec), experts, timed)
-    engine = Engine(checkpoint, dispatcher, timed, Buckets((64,)), max_context=context)
-
-    timed_decode(engine, prompt, tokens)  # compile every shape once
-    ids, seconds = timed_decode(engine, prompt, tokens, on_prefill=timed.seconds.clear)
     steps = tokens - 1
-    per_kind = {kind: s / steps * 1e3 for kind, s in timed.seconds.items()}
-    return {"ids": ids, "ms_per_token": seconds / steps * 1e3, "graph_ms_per_token": per_kind}
+    asked = total_counts["hits"] + total_counts["misses"] - marks["hits"] - marks["misses"]
+    return {"ids": ids, "ms_per_token": seconds / steps * 1e3,
+            "graph_ms_per_token": {kind: s / steps * 1e3 for kind, s in timed.seconds.items()},
+            "mb_streamed_per_token": (total_counts["bytes_streamed"] - marks["bytes_streamed"]) / steps / 1e6,
+            "stall_fraction": (total_counts["stall_s"] - marks["stall_s"]) / seconds,
+            "hit_rate": (total_counts["hits"] - marks["hits"]) / asked if asked else 1.0}
 
 
 def transformers_worker(model_dir: Path, prompt: list[int], tokens: int, threads: int) -> dict:
@@ -121,90 +109,104 @@ def transformers_worker(model_dir: Path, prompt: list[int], tokens: int, threads
 
     decode()
     ids, seconds = decode()
-    return {"ids": ids, "ms_per_token": seconds / (tokens - 1) * 1e3,
-            "experts_implementation": str(getattr(model.config, "_experts_implementation", "default"))}
+    return {"ids": ids, "ms_per_token": seconds / (tokens - 1) * 1e3}
+
+
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda run: run["ms_per_token"])[len(runs) // 2]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens to decode")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens to decode")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="resident Ferry and transformers run this many times, alternating; medians reported")
-    parser.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25, 0.1],
-                        help="expert budgets as fractions of all experts")
-    parser.add_argument("--worker", choices=["ferry", "transformers", "offload"], help=argparse.SUPPRESS)
-    parser.add_argument("--fraction", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("--prefetch", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3, help="every contender runs this many times, taking turns")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="expert storage dtypes, comma separated")
+    parser.add_argument("--fraction", type=float, default=0.25, help="expert budget as a fraction of all experts")
+    parser.add_argument("--worker", choices=["ferry", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--artifact", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--pool", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    model_dir = real_width_checkpoint(args.layers)
     spec = real_width_spec(args.layers)
     prompt = prompt_ids(args.prompt, spec.vocab_size)
-    if args.worker == "offload":
-        print(json.dumps(offload_worker(model_dir, prompt, args.tokens, args.threads, args.fraction, args.prefetch)))
+    if args.worker == "ferry":
+        print(json.dumps(ferry_worker(args.artifact, spec, prompt, args.tokens, args.threads, args.pool)))
         return
-    if args.worker:
-        worker = ferry_worker if args.worker == "ferry" else transformers_worker
-        print(json.dumps(worker(model_dir, prompt, args.tokens, args.threads)))
+    if args.worker == "transformers":
+        print(json.dumps(transformers_worker(real_width_checkpoint(args.layers), prompt, args.tokens, args.threads)))
         return
 
     from bench.measure import decode_bytes_per_token, read_bandwidth, run_worker
+    from convert.artifact import Artifact
     from runtime.backend import configure
 
     configure(threads=args.threads)
+    dtypes = args.dtypes.split(",")
+    artifacts = {dtype: real_width_artifact(dtype, args.layers) for dtype in dtypes}
+    block = {dtype: Artifact.open(path, verify="none").manifest.experts.block_bytes for dtype, path in artifacts.items()}
     common = ["--layers", str(args.layers), "--prompt", str(args.prompt), "--tokens", str(args.tokens),
               "--threads", str(args.threads)]
-    bandwidths, ferry_runs, hf_runs = [], [], []
-    for _ in range(args.rounds):  # alternating, so drifting load from elsewhere falls on both alike
+    contenders = [("transformers", None, None)] + [(dtype, pool, artifacts[dtype]) for dtype in dtypes
+                                                   for pool in (None, args.fraction)]
+    runs = {(name, pool): [] for name, pool, _ in contenders}
+    bandwidths = []
+    for _ in range(args.rounds):  # taking turns, so drifting load from elsewhere falls on every contender alike
         bandwidths.append(read_bandwidth())
-        ferry_runs.append(run_worker(Path(__file__), "--worker", "ferry", *common))
-        hf_runs.append(run_worker(Path(__file__), "--worker", "transformers", *common))
-    offloaded = {(fraction, prefetch): run_worker(Path(__file__), "--worker", "offload", "--fraction", str(fraction),
-                                                  *(["--prefetch"] if prefetch else []), *common)
-                 for fraction in args.budgets for prefetch in (False, True)}
+        for name, pool, artifact in contenders:
+            if artifact is None:
+                runs[name, pool].append(run_worker(Path(__file__), "--worker", "transformers", *common))
+            else:
+                extra = ["--pool", str(pool)] if pool is not None else []
+                runs[name, pool].append(run_worker(Path(__file__), "--worker", "ferry", "--artifact", str(artifact),
+                                                   *extra, *common))
     bandwidth = max(bandwidths)  # the fastest read seen: the tightest bound
-    ferry = sorted(ferry_runs, key=lambda run: run["ms_per_token"])[len(ferry_runs) // 2]  # the median run
-    hf = sorted(hf_runs, key=lambda run: run["ms_per_token"])[len(hf_runs) // 2]
-    context = args.prompt + args.tokens // 2
-    bound_ms = decode_bytes_per_token(spec, context) / bandwidth * 1e3
+    hf = median_run(runs["transformers", None])
+    read_context = args.prompt + args.tokens // 2
 
-    print(f"checkpoint: {model_dir} ({args.layers} layers at real width, BF16 stored, FP32 compute)")
-    print(f"threads {args.threads}, prompt {args.prompt} tokens, {args.tokens} decoded, greedy; "
-          f"resident and transformers: median of {args.rounds} alternating rounds")
-    print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s (best of "
-          f"{', '.join(f'{b / 1e9:.1f}' for b in bandwidths)}); one decode token reads "
-          f"{decode_bytes_per_token(spec, context) / 1e6:.0f} MB")
+    print(f"checkpoint: {real_width_checkpoint(args.layers)} ({args.layers} layers at real width, BF16 stored, "
+          f"FP32 compute); threads {args.threads}, prompt {args.prompt} tokens, {args.tokens} decoded, greedy")
+    print(f"medians of {args.rounds} rounds, contenders taking turns; measured read bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s (best of {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)})")
     print()
-    print(f"{'':28s}{'ms/token':>10s}{'tokens/s':>10s}")
-    for name, ms in [("ferry, all experts resident", ferry["ms_per_token"]),
-                     ("transformers eager", hf["ms_per_token"]), ("bandwidth bound", bound_ms)]:
-        print(f"{name:28s}{ms:10.1f}{1e3 / ms:10.2f}")
+    head = (f"{'':34s}{'ms/token':>9s}{'tok/s':>7s}{'MB read':>9s}{'bound ms':>9s}{'x bound':>8s}{'x hf':>6s}"
+            f"{'MB strm':>8s}{'hit%':>6s}{'stall':>6s}")
+    print(head)
+    hf_bytes = decode_bytes_per_token(spec, read_context)
+    print(f"{'transformers eager (fp32)':34s}{hf['ms_per_token']:9.1f}{1e3 / hf['ms_per_token']:7.2f}"
+          f"{hf_bytes / 1e6:9.0f}{hf_bytes / bandwidth * 1e3:9.1f}"
+          f"{hf['ms_per_token'] / (hf_bytes / bandwidth * 1e3):8.2f}{1.0:6.2f}")
+    for dtype in dtypes:
+        read = decode_bytes_per_token(spec, read_context, block[dtype])
+        bound_ms = read / bandwidth * 1e3
+        resident = median_run(runs[dtype, None])
+        for pool in (None, args.fraction):
+            run = median_run(runs[dtype, pool])
+            name = f"ferry {dtype}, " + ("all experts resident" if pool is None else f"{pool:.0%} in slots, prefetch")
+            streamed = "" if pool is None else (f"{run['mb_streamed_per_token']:8.0f}{100 * run['hit_rate']:6.0f}"
+                                                f"{100 * run['stall_fraction']:5.0f}%")
+            print(f"{name:34s}{run['ms_per_token']:9.1f}{1e3 / run['ms_per_token']:7.2f}{read / 1e6:9.0f}"
+                  f"{bound_ms:9.1f}{run['ms_per_token'] / bound_ms:8.2f}{hf['ms_per_token'] / run['ms_per_token']:6.2f}"
+                  f"{streamed}")
+            assert all(r["ids"] == resident["ids"] for r in runs[dtype, pool]), \
+                f"{dtype}: runs with and without a slot pool disagree on the greedy tokens"
     print()
-    print(f"{'offloaded (LRU)':28s}{'ms/token':>10s}{'tokens/s':>10s}{'/resident':>10s}{'MB/token':>10s}{'stalled':>9s}")
-    for (fraction, prefetch), run in offloaded.items():
-        name = f"{fraction:.0%} of experts, prefetch {'on' if prefetch else 'off'}"
-        print(f"{name:28s}{run['ms_per_token']:10.1f}{1e3 / run['ms_per_token']:10.2f}"
-              f"{ferry['ms_per_token'] / run['ms_per_token']:9.0%} {run['mb_streamed_per_token']:9.0f}"
-              f"{run['stall_fraction']:9.0%}")
-        assert run["ids"] == ferry["ids"], "offloading changed the greedy tokens"
-    print()
-    graph = ferry["graph_ms_per_token"]
-    kinds = {"deltanet": spec.layer_types.count("linear_attention"),
-             "attention": spec.layer_types.count("full_attention"), "experts": spec.num_layers}
-    for kind, count in kinds.items():
-        print(f"ferry {kind:9s} {graph.get(kind, 0.0) / count:6.2f} ms per layer")
-    outside = ferry["ms_per_token"] - sum(graph.values())
-    print(f"ferry head {graph.get('head', 0.0):6.2f} ms, host work between launches {outside:6.2f} ms per token")
-    print()
-    per_round = [h["ms_per_token"] / f["ms_per_token"] for f, h in zip(ferry_runs, hf_runs)]
-    print(f"ferry / transformers speed: {hf['ms_per_token'] / ferry['ms_per_token']:.2f}x "
-          f"(per round: {', '.join(f'{r:.2f}x' for r in per_round)})")
-    print(f"ferry time / bandwidth bound: {ferry['ms_per_token'] / bound_ms:.2f}x")
-    assert all(run["ids"] == ferry["ids"] for run in ferry_runs), "resident runs disagree"
-    same = sum(a == b for a, b in zip(ferry["ids"], hf["ids"]))
-    print(f"greedy tokens equal to transformers: {same}/{len(ferry['ids'])}")
+    fp32 = runs.get(("fp32", None))
+    if fp32:
+        per_round = [h["ms_per_token"] / f["ms_per_token"] for f, h in zip(fp32, runs["transformers", None])]
+        print(f"ferry fp32 resident / transformers speed per round: {', '.join(f'{r:.2f}x' for r in per_round)} "
+              f"(median {statistics.median(per_round):.2f}x)")
+    for dtype in dtypes:
+        run = median_run(runs[dtype, None])
+        graph = run["graph_ms_per_token"]
+        layers = {"deltanet": spec.layer_types.count("linear_attention"),
+                  "attention": spec.layer_types.count("full_attention"), "experts": spec.num_layers}
+        parts = ", ".join(f"{kind} {graph.get(kind, 0.0) / count:.2f}" for kind, count in layers.items() if count)
+        outside = run["ms_per_token"] - sum(graph.values())
+        same = sum(a == b for a, b in zip(run["ids"], hf["ids"]))
+        print(f"ferry {dtype} resident: ms per layer {parts}; head {graph.get('head', 0.0):.2f} ms, host work "
+              f"between launches {outside:.2f} ms per token; greedy tokens equal to transformers {same}/{len(hf['ids'])}")
 
 
 if __name__ == "__main__":

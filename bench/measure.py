@@ -51,15 +51,16 @@ def dense_layer_params(spec: ModelSpec, layer: int) -> int:
     return sum(int(np.prod(name.shape)) for name in layer_names(spec, layer).values())
 
 
-def decode_bytes_per_token(spec: ModelSpec, context: int) -> int:
-    """FP32 bytes one decode step must read: dense weights of every layer, top-k experts per layer,
-    the head and one embedding row, and the KV cache of the attention layers up to `context`."""
+def decode_bytes_per_token(spec: ModelSpec, context: int, expert_bytes: int | None = None) -> int:
+    """Bytes one decode step must read: FP32 dense weights of every layer, top-k experts per layer
+    (`expert_bytes` each, as stored: default FP32), the head and one embedding row, and the FP32 KV
+    cache of the attention layers up to `context`."""
     params = sum(dense_layer_params(spec, layer) for layer in range(spec.num_layers))
-    params += spec.num_layers * spec.num_experts_per_tok * spec.expert_params
     params += spec.vocab_size * spec.hidden_size + spec.hidden_size * 2
     attention_layers = spec.layer_types.count("full_attention")
     params += attention_layers * 2 * context * spec.num_key_value_heads * spec.head_dim
-    return params * FLOAT32
+    experts = spec.num_layers * spec.num_experts_per_tok
+    return params * FLOAT32 + experts * (expert_bytes or spec.expert_params * FLOAT32)
 
 
 def run_worker(script: Path, *args: str) -> dict:
@@ -78,7 +79,7 @@ class TimedGraphs:
         self.graphs = graphs
         self.seconds: dict[str, float] = {}
 
-    def _timed(self, kind: str, graph):
+    def timed(self, kind: str, graph):
         def call(*args):
             start = time.perf_counter()
             out = graph(*args)
@@ -90,16 +91,16 @@ class TimedGraphs:
         return call
 
     def attention(self, tokens):
-        return self._timed("attention", self.graphs.attention(tokens))
+        return self.timed("attention", self.graphs.attention(tokens))
 
     def deltanet(self, tokens):
-        return self._timed("deltanet", self.graphs.deltanet(tokens))
+        return self.timed("deltanet", self.graphs.deltanet(tokens))
 
     def embedding(self, tokens):
-        return self._timed("embedding", self.graphs.embedding(tokens))
+        return self.timed("embedding", self.graphs.embedding(tokens))
 
     def head(self, tokens):
-        return self._timed("head", self.graphs.head(tokens))
+        return self.timed("head", self.graphs.head(tokens))
 
     def expert_group(self, tier):
-        return self._timed("experts", self.graphs.expert_group(tier))
+        return self.timed("experts", self.graphs.expert_group(tier))

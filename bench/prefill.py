@@ -2,9 +2,10 @@
 
     python bench/prefill.py            # prompts of 128 and 1024 tokens, 4 layers
 
-For each prompt length: prefill tokens/s of Ferry (all experts resident) and of transformers eager
-(same checkpoint, threads and prompt), and Ferry's time to first token cold (a fresh process:
-engine load plus graph compilation plus prefill) and warm (graphs compiled). Each model runs in
+For each prompt length: prefill tokens/s of Ferry (the FP32 artifact, as run.py converts it, all
+experts resident) and of transformers eager (same checkpoint, threads and prompt), and Ferry's time
+to first token cold (a fresh process: artifact open, graph load and compilation, prefill) and warm
+(graphs compiled). Each model runs in
 its own process; both run `--rounds` times, alternating, and the medians are printed (single runs
 swing by +-30% on shared machines).
 """
@@ -20,19 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.realwidth import real_width_checkpoint, real_width_spec  # noqa: E402
-
-BUCKETS = (64, 256, 1024)
+from bench.realwidth import PREFILL_BUCKETS, real_width_artifact, real_width_checkpoint, real_width_spec  # noqa: E402
 
 
-def ferry_worker(model_dir: Path, prompt: list[int], threads: int) -> dict:
+def ferry_worker(artifact: Path, prompt: list[int], threads: int) -> dict:
     start = time.perf_counter()
     from runtime.backend import configure
-    from runtime.build import engine_from_checkpoint
-    from runtime.engine import Buckets
+    from runtime.build import engine_from_artifact
 
     configure(threads=threads)
-    engine = engine_from_checkpoint(model_dir, buckets=Buckets(BUCKETS), max_context=len(prompt) + 1)
+    engine = engine_from_artifact(artifact)
     loaded = time.perf_counter()
     first = int(np.argmax(engine.forward(prompt)))
     cold = time.perf_counter() - start
@@ -72,14 +70,17 @@ def main() -> None:
     spec = real_width_spec(args.layers)
     if args.worker:
         prompt = np.random.default_rng(99).integers(0, spec.vocab_size, args.length).tolist()
-        worker = ferry_worker if args.worker == "ferry" else transformers_worker
-        print(json.dumps(worker(model_dir, prompt, args.threads)))
+        if args.worker == "ferry":
+            print(json.dumps(ferry_worker(real_width_artifact("fp32", args.layers), prompt, args.threads)))
+        else:
+            print(json.dumps(transformers_worker(model_dir, prompt, args.threads)))
         return
+    real_width_artifact("fp32", args.layers)  # converted before any timing
 
     from bench.measure import run_worker
 
     print(f"checkpoint: {model_dir} ({args.layers} layers at real width, BF16 stored, FP32 compute)")
-    print(f"threads {args.threads}; Ferry prefill buckets {BUCKETS}; medians of {args.rounds} alternating rounds")
+    print(f"threads {args.threads}; Ferry prefill buckets {PREFILL_BUCKETS}; medians of {args.rounds} alternating rounds")
     print()
     print(f"{'prompt':>7s}{'ferry tok/s':>13s}{'hf tok/s':>10s}{'ferry/hf':>10s}{'TTFT cold':>11s}"
           f"{'(load)':>8s}{'TTFT warm':>11s}{'same 1st token':>16s}")

@@ -8,6 +8,7 @@ cached outside the repository: `python -m bench.realwidth` prints its path.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from convert.spec import ModelSpec
@@ -34,6 +35,24 @@ def real_width_checkpoint(layers: int = 4, vocab: int = 8192) -> Path:
     if not path.exists():
         write_random_checkpoint(real_width_spec(layers, vocab), path, dtype="BF16", seed=0)
     return path
+
+
+PREFILL_BUCKETS = (64, 256, 1024)
+MAX_CONTEXT = 1040  # a 1024-token prompt and its first token, or a short prompt and many decoded
+
+
+def real_width_artifact(dtype: str, layers: int = 4, vocab: int = 8192) -> Path:
+    """The checkpoint converted (`python -m convert`'s pipeline, through run.py's cache) with default
+    tiers (1x8, 8x4, 64x2), the prefill and decode benches' buckets and context, and `dtype`
+    experts, cached beside it."""
+    from convert.cache import cached_artifact
+    from convert.manifest import TierRecord
+    from convert.pipeline import ConvertOptions
+
+    options = ConvertOptions(dtype, (TierRecord(1, 8), TierRecord(8, 4), TierRecord(64, 2)), PREFILL_BUCKETS,
+                             MAX_CONTEXT)
+    return cached_artifact(real_width_checkpoint(layers, vocab), CACHE / "artifacts", options, progress=False,
+                           say=lambda text: print(text, file=sys.stderr)).path
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.dense import layer_tensor
+from convert.dense import SAFETENSORS_DTYPES, layer_tensor
 from convert.manifest import (
     MANIFEST_NAME,
     ArtifactError,
@@ -217,6 +217,7 @@ class Artifact:
         except CheckpointError as err:
             raise ArtifactError(f"dense weights: {err}") from None
         expected = {t.name: t.shape for t in self.manifest.dense.tensors}
+        dtypes = {t.name: t.dtype for t in self.manifest.dense.tensors}
         found = {name: info.shape for name, info in header.items()}
         if found != expected:
             missing = sorted(set(expected) - set(found))
@@ -227,10 +228,17 @@ class Artifact:
         buffer = _map(path)
         arrays = {}
         for name, info in header.items():
-            if info.dtype != "F32":
-                raise ArtifactError(f"{path}: tensor '{name}' is {info.dtype}, the artifact stores dense weights as F32")
-            arrays[name] = np.frombuffer(buffer, np.float32, (info.end - info.start) // 4, info.start).reshape(info.shape)
+            dtype = np.dtype(dtypes[name])
+            if info.dtype != SAFETENSORS_DTYPES[dtypes[name]]:
+                raise ArtifactError(f"{path}: tensor '{name}' is {info.dtype}, the manifest records {dtype}")
+            count = (info.end - info.start) // dtype.itemsize
+            arrays[name] = np.frombuffer(buffer, dtype, count, info.start).reshape(info.shape)
         return arrays
+
+    @property
+    def kv_dtype(self):
+        """The KV cache's dtype: the graphs' attention takes it in the target's compute dtype."""
+        return np.float32 if self.manifest.target == "cpu" else np.float16
 
     def dense_tensor(self, name: str) -> np.ndarray:
         if name not in self._dense:

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from convert.dense import dense_plan
 from convert.manifest import MANIFEST_NAME, VERSION, ArtifactError
 from convert.pipeline import ConvertOptions, convert
@@ -72,20 +74,20 @@ def fingerprint(model_dir: Path) -> str:
 
 
 def options_key(options: ConvertOptions) -> dict:
-    return {"manifest_version": VERSION, "dtype": options.dtype,
+    return {"manifest_version": VERSION, "target": options.target, "dtype": options.dtype,
             "tiers": [[t.capacity, t.group] for t in options.tiers], "buckets": list(options.buckets),
             "max_context": options.max_context}
 
 
 def artifact_bytes(spec: ModelSpec, options: ConvertOptions) -> int:
     """What the artifact will take on disk: the FP32 dense file and the expert store (graphs are small)."""
-    dense = sum(math.prod(t.shape) for t in dense_plan(spec)) * 4
+    dense = sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in dense_plan(spec, options.target))
     return dense + spec.num_layers * spec.num_experts * block_stride(block_layout(spec, options.dtype))
 
 
 def convert_command(model_dir: Path, out: Path, options: ConvertOptions) -> str:
     tiers = ",".join(f"{t.capacity}x{t.group}" for t in options.tiers)
-    return (f"python -m convert --model-dir {model_dir} --out {out} --dtype {options.dtype} --tiers {tiers} "
+    return (f"python -m convert --model-dir {model_dir} --out {out} --device {options.target} --dtype {options.dtype} --tiers {tiers} "
             f"--buckets {','.join(map(str, options.buckets))} --max-context {options.max_context}")
 
 

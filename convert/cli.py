@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.manifest import TierRecord
+from convert.manifest import TARGETS, TierRecord
 from convert.spec import CheckpointError, ModelSpec
 
 CONF_TIERS = Path(__file__).resolve().parents[1] / "conf" / "tiers"
@@ -78,6 +78,9 @@ def _convert_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("fp32", "fp16", "int8"), default="fp32",
                         help="expert storage: fp32 exact; fp16 (BF16 range clamped, reported); "
                              "int8 weight-only, per-output-channel scales (default fp32)")
+    parser.add_argument("--device", choices=TARGETS, default="cpu",
+                        help="what the graphs are for: cpu (FP32, Ferry's CPU kernel) or ascend_310p3 (FP16 "
+                             "matmuls over FP16 weights and KV cache, no CPU op; experts fp16 or int8) (default cpu)")
     parser.add_argument("--tiers", default="default",
                         help="conf/tiers name, YAML file, or CAPACITY[xGROUP],... (default: conf/tiers/default)")
     parser.add_argument("--buckets", default="16,64", help="prefill launch sizes (default 16,64)")
@@ -120,10 +123,10 @@ def run_convert(args) -> int:
 
     spec = load_spec(args.model_dir)
     options = ConvertOptions(dtype=args.dtype, tiers=parse_tiers(args.tiers, spec), buckets=parse_buckets(args.buckets),
-                             max_context=args.max_context)
+                             max_context=args.max_context, target=args.device)
     manifest, stats = convert(args.model_dir, args.out, options, force=args.force, progress=not args.quiet)
     report = manifest.experts.report
-    print(f"wrote {args.out}: {stats.graphs} graphs, dense {_size(stats.dense_bytes)}, "
+    print(f"wrote {args.out} for {options.target}: {stats.graphs} graphs, dense {_size(stats.dense_bytes)}, "
           f"experts {_size(stats.expert_bytes)} ({options.dtype})")
     print(f"read {_size(stats.source_bytes)} of weights in {stats.weights_s:.1f} s "
           f"({stats.weights_gb_per_s:.2f} GB/s); graphs exported in {stats.graph_s:.1f} s; total {stats.total_s:.1f} s")
@@ -158,6 +161,8 @@ def inspect(args) -> int:
     m = artifact.manifest
     print(f"artifact {args.artifact}  (format {m.format} v{m.version}, {m.created_by}, from '{m.source.name}', "
           f"config sha256 {m.source.config_sha256[:12]})")
+    calls = f"calls Ferry's CPU kernels ({m.kernels})" if m.kernels else "no custom op: MindSpore operators only"
+    print(f"target {m.target}: graphs {calls}")
     print("\nmodel")
     for key, value in m.model.to_dict().items():
         if key == "layer_types":
@@ -172,7 +177,9 @@ def inspect(args) -> int:
         print(f"  {g.file.path:36} {_size(g.file.size):>10}  in: {ins}")
         print(f"  {'':36} {'':>10}  out: {sigs(g.outputs)}")
     d = m.dense
-    print(f"\ndense weights {d.file.path}: {len(d.tensors)} FP32 tensors, {_size(d.file.size)}"
+    by_dtype = {dtype: sum(t.dtype == dtype for t in d.tensors) for dtype in sorted({t.dtype for t in d.tensors})}
+    kinds = ", ".join(f"{n} {dtype}" for dtype, n in by_dtype.items())
+    print(f"\ndense weights {d.file.path}: {len(d.tensors)} tensors ({kinds}), {_size(d.file.size)}"
           f"{', lm_head tied to embed' if d.tied_head else ''}")
     s = m.experts
     print(f"\nexpert store {s.path}: {len(s.blocks)} blocks ({m.model.num_layers} layers x {m.model.num_experts} "

@@ -1,9 +1,13 @@
-"""Dense weights (everything but the routed experts) as one FP32 safetensors file, written streaming.
+"""Dense weights (everything but the routed experts) as one safetensors file, written streaming.
 
 The header is computed up front from the model spec, so tensors can be appended one at a time
 (or a large one in row chunks) while the file's SHA-256 is computed on the way out: the writer
 never holds more than the piece it is given. Data starts at a 64-byte boundary (the header is
-padded with spaces, as the format allows), so every FP32 tensor can be mapped and used in place.
+padded with spaces, as the format allows), so every tensor can be mapped and used in place.
+For the `cpu` target every tensor is FP32; for `ascend_310p3` the projection matrices (everything
+a graph multiplies by: embedding and head, attention and DeltaNet projections, router, shared
+expert) are FP16, the card's matmul type, and the small vectors the graphs use elementwise
+(norms, conv, A_log, dt_bias) stay FP32. FP16 values beyond +-65504 are clamped.
 
 Names: `embed` [V, H], `final_norm` [H], `lm_head` [V, H] (absent when tied), and
 `layers.{i}.{name}` for each canonical name of `convert.names.layer_names` in its Ferry shape.
@@ -23,14 +27,25 @@ from convert.manifest import DenseRecord, DenseTensor, FileRecord
 from convert.spec import ModelSpec
 
 DATA_ALIGNMENT = 64
+MATRICES = frozenset({"embed", "lm_head", "q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z",
+                      "in_proj_b", "in_proj_a", "out_proj", "router", "shared_gate", "shared_up", "shared_down",
+                      "shared_expert_gate"})
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16"}
+FP16_MAX = float(np.finfo(np.float16).max)
 
 
-def dense_plan(spec: ModelSpec) -> list[DenseTensor]:
+def dense_dtype(key: str, target: str) -> str:
+    """The stored (and graph input) dtype of dense tensor `key` (canonical name) for `target`."""
+    return "float16" if target != "cpu" and key in MATRICES else "float32"
+
+
+def dense_plan(spec: ModelSpec, target: str = "cpu") -> list[DenseTensor]:
     """Every dense tensor of the artifact, in file order: globals first, then layer by layer."""
-    plan = [DenseTensor(key, w.shape) for key, w in names.global_names(spec).items()
+    plan = [DenseTensor(key, w.shape, dense_dtype(key, target)) for key, w in names.global_names(spec).items()
             if not (key == "lm_head" and spec.tie_word_embeddings)]
     for layer in range(spec.num_layers):
-        plan += [DenseTensor(f"layers.{layer}.{key}", w.shape) for key, w in names.layer_names(spec, layer).items()]
+        plan += [DenseTensor(f"layers.{layer}.{key}", w.shape, dense_dtype(key, target))
+                 for key, w in names.layer_names(spec, layer).items()]
     return plan
 
 
@@ -41,14 +56,15 @@ def layer_tensor(layer: int, key: str) -> str:
 class DenseWriter:
     """Appends the planned tensors in order; `close` returns the manifest's record of the file."""
 
-    def __init__(self, path: Path, relative: str, spec: ModelSpec):
+    def __init__(self, path: Path, relative: str, spec: ModelSpec, target: str = "cpu"):
         self.relative = relative
         self.spec = spec
-        self.plan = dense_plan(spec)
+        self.plan = dense_plan(spec, target)
         header, offset = {}, 0
         for tensor in self.plan:
-            nbytes = 4 * math.prod(tensor.shape)
-            header[tensor.name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+            nbytes = np.dtype(tensor.dtype).itemsize * math.prod(tensor.shape)
+            header[tensor.name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                                   "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         header["__metadata__"] = {"format": "ferry-dense"}
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -63,11 +79,12 @@ class DenseWriter:
         self.hash.update(data)
 
     def write(self, name: str, pieces: np.ndarray | Iterable[np.ndarray]) -> int:
-        """Append tensor `name`, whole or as consecutive row chunks; returns its bytes."""
+        """Append tensor `name` (FP32), whole or as consecutive row chunks, in its planned dtype; returns
+        the bytes written."""
         if self.next >= len(self.plan) or self.plan[self.next].name != name:
             expected = self.plan[self.next].name if self.next < len(self.plan) else "nothing"
             raise ValueError(f"dense tensors must be written in plan order: got '{name}', expected '{expected}'")
-        shape = self.plan[self.next].shape
+        shape, dtype = self.plan[self.next].shape, self.plan[self.next].dtype
         if isinstance(pieces, np.ndarray):
             pieces = [pieces]
         written = 0
@@ -75,11 +92,14 @@ class DenseWriter:
             if piece.dtype != np.float32 or piece.shape[1:] != shape[1:]:
                 raise ValueError(f"dense tensor '{name}': got a {piece.dtype} piece of shape {piece.shape}, "
                                  f"expected float32 rows of {shape}")
+            if dtype == "float16":
+                piece = np.clip(piece, -FP16_MAX, FP16_MAX).astype(np.float16)
             data = memoryview(np.ascontiguousarray(piece)).cast("B")
             self._emit(data)
             written += data.nbytes
-        if written != 4 * math.prod(shape):
-            raise ValueError(f"dense tensor '{name}': wrote {written} bytes, its shape {shape} needs {4 * math.prod(shape)}")
+        need = np.dtype(dtype).itemsize * math.prod(shape)
+        if written != need:
+            raise ValueError(f"dense tensor '{name}': wrote {written} bytes, its {dtype} shape {shape} needs {need}")
         self.next += 1
         return written
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from convert import names
+from convert.dense import dense_dtype
 from convert.manifest import FileRecord, GraphRecord, TensorSig, TierRecord
 from convert.spec import ModelSpec
 from convert.store import block_layout
@@ -42,14 +43,19 @@ def _f32(*shape: int) -> TensorSig:
     return TensorSig(tuple(shape), "float32")
 
 
+def _compute(target: str, *shape: int) -> TensorSig:
+    """A tensor in the target's compute dtype (matrices, KV cache): FP32 on the CPU, FP16 on the 310P3."""
+    return TensorSig(tuple(shape), "float32" if target == "cpu" else "float16")
+
+
 def _i32(*shape: int) -> TensorSig:
     return TensorSig(tuple(shape), "int32")
 
 
-def _layer_weights(spec: ModelSpec, kind: str, order: tuple[str, ...]) -> tuple[TensorSig, ...]:
+def _layer_weights(spec: ModelSpec, kind: str, order: tuple[str, ...], target: str) -> tuple[TensorSig, ...]:
     layer = spec.layer_types.index(kind)
     table = names.layer_names(spec, layer)
-    return tuple(_f32(*table[key].shape) for key in order)
+    return tuple(TensorSig(table[key].shape, dense_dtype(key, target)) for key in order)
 
 
 def _moe_outputs(spec: ModelSpec, t: int) -> tuple[TensorSig, ...]:
@@ -58,7 +64,7 @@ def _moe_outputs(spec: ModelSpec, t: int) -> tuple[TensorSig, ...]:
 
 
 def graph_plans(spec: ModelSpec, buckets: tuple[int, ...], tiers: tuple[TierRecord, ...], max_context: int,
-                expert_dtype: str) -> list[GraphPlan]:
+                expert_dtype: str, target: str = "cpu") -> list[GraphPlan]:
     """Every graph an artifact holds, with the signatures the runtime will call it with."""
     from graphs.layer import ATTENTION_WEIGHTS, DELTANET_WEIGHTS
 
@@ -67,16 +73,19 @@ def graph_plans(spec: ModelSpec, buckets: tuple[int, ...], tiers: tuple[TierReco
     sizes = (1,) + tuple(b for b in buckets if b != 1)
     plans = []
     for t in sizes:
-        plans.append(GraphPlan(f"embedding_t{t}", "embedding", t, None, (_i32(t), _f32(v, h)), (_f32(t, h),)))
-        plans.append(GraphPlan(f"head_t{t}", "head", t, None, (_f32(t, h), _f32(h), _f32(v, h)), (_f32(t, v),)))
+        table = _compute(target, v, h)
+        plans.append(GraphPlan(f"embedding_t{t}", "embedding", t, None, (_i32(t), table), (_f32(t, h),)))
+        plans.append(GraphPlan(f"head_t{t}", "head", t, None, (_f32(t, h), _f32(h), table), (_f32(t, v),)))
     if "full_attention" in spec.layer_types:
-        weights = _layer_weights(spec, "full_attention", ATTENTION_WEIGHTS)
+        weights = _layer_weights(spec, "full_attention", ATTENTION_WEIGHTS, target)
+        cache = _compute(target, s, kv, d)
         for t in sizes:
-            inputs = (_f32(t, h), _f32(t, p), _f32(t, p), _f32(s, kv, d), _f32(s, kv, d), _i32()) + weights
-            outputs = _moe_outputs(spec, t) + (_f32(t, kv, d), _f32(t, kv, d))
+            new = _compute(target, t, kv, d)
+            inputs = (_f32(t, h), _f32(t, p), _f32(t, p), cache, cache, _i32()) + weights
+            outputs = _moe_outputs(spec, t) + (new, new)
             plans.append(GraphPlan(f"attention_t{t}", "attention", t, None, inputs, outputs))
     if "linear_attention" in spec.layer_types:
-        weights = _layer_weights(spec, "linear_attention", DELTANET_WEIGHTS)
+        weights = _layer_weights(spec, "linear_attention", DELTANET_WEIGHTS, target)
         conv = _f32(spec.linear_conv_kernel_dim - 1, spec.conv_dim)
         rec = _f32(spec.linear_num_value_heads, spec.linear_key_head_dim, spec.linear_value_head_dim)
         for t in sizes:
@@ -91,8 +100,9 @@ def graph_plans(spec: ModelSpec, buckets: tuple[int, ...], tiers: tuple[TierReco
     return plans
 
 
-def build_cell(plan: GraphPlan, spec: ModelSpec, max_context: int, expert_dtype: str):
-    """The Cell a plan exports (the same classes the eager engine runs)."""
+def build_cell(plan: GraphPlan, spec: ModelSpec, max_context: int, expert_dtype: str, target: str = "cpu"):
+    """The Cell a plan exports (the same classes the eager engine runs); only a cpu artifact's expert
+    groups call Ferry's CPU kernel."""
     from graphs.embed_head import Embedding, Head
     from graphs.layer import AttentionLayer, DeltaNetLayer
     from graphs.moe import ExpertGroup, ExpertGroupFP16, ExpertGroupInt8
@@ -106,7 +116,7 @@ def build_cell(plan: GraphPlan, spec: ModelSpec, max_context: int, expert_dtype:
     if plan.kind == "deltanet":
         return DeltaNetLayer(spec, plan.tokens)
     group = {"fp32": ExpertGroup, "fp16": ExpertGroupFP16, "int8": ExpertGroupInt8}[expert_dtype]
-    return group(plan.tier.group, spec.moe_intermediate_size)
+    return group(plan.tier.group, spec.moe_intermediate_size, cpu_kernels=target == "cpu")
 
 
 def zero_inputs(signature: tuple[TensorSig, ...]) -> list:
@@ -120,22 +130,23 @@ def zero_inputs(signature: tuple[TensorSig, ...]) -> list:
 _EXPORTED: dict[tuple, bytes] = {}
 
 
-def export_graph(plan: GraphPlan, spec: ModelSpec, max_context: int, expert_dtype: str, root: Path) -> GraphRecord:
+def export_graph(plan: GraphPlan, spec: ModelSpec, max_context: int, expert_dtype: str, root: Path,
+                 target: str = "cpu") -> GraphRecord:
     """Export one graph as `root / plan.path` and return its manifest record."""
     import mindspore as ms
     from runtime.graph_set import graph_spec  # the spec with fields no layer graph depends on blanked
 
-    target = root / plan.path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    key = (plan, graph_spec(spec), max_context, expert_dtype if plan.kind == "expert_group" else None)
+    path = root / plan.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = (plan, graph_spec(spec), max_context, expert_dtype if plan.kind == "expert_group" else None, target)
     if key in _EXPORTED:
-        target.write_bytes(_EXPORTED[key])
+        path.write_bytes(_EXPORTED[key])
     else:
-        cell = build_cell(plan, spec, max_context, expert_dtype)
-        ms.export(cell, *zero_inputs(plan.inputs), file_name=str(target.with_suffix("")), file_format="MINDIR")
-        if not target.is_file():
-            raise RuntimeError(f"mindspore.export did not write {target}")
-        _EXPORTED[key] = target.read_bytes()
+        cell = build_cell(plan, spec, max_context, expert_dtype, target)
+        ms.export(cell, *zero_inputs(plan.inputs), file_name=str(path.with_suffix("")), file_format="MINDIR")
+        if not path.is_file():
+            raise RuntimeError(f"mindspore.export did not write {path}")
+        _EXPORTED[key] = path.read_bytes()
     return GraphRecord(plan.name, plan.kind, plan.tokens, plan.tier, file_record(root, plan.path),
                        plan.inputs, plan.outputs)
 

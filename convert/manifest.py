@@ -20,9 +20,12 @@ from pathlib import Path, PurePosixPath
 from convert.spec import CheckpointError, ModelSpec
 
 FORMAT = "ferry-artifact"
-VERSION = 2  # 2: expert-group graphs take the real rows of each slot after x
+VERSION = 3  # 2: expert-group graphs take the real rows of each slot after x; 3: target, kernels, dense dtypes
 MANIFEST_NAME = "manifest.json"
 EXPERT_DTYPES = ("fp32", "fp16", "int8")
+# What the graphs are for: `cpu` computes in FP32 (MindSpore's CPU kernels, Ferry's CPU expert kernel);
+# `ascend_310p3` has no BF16 and no CPU op: FP16 matmuls over FP16 weights and KV cache, FP16 or INT8 experts.
+TARGETS = ("cpu", "ascend_310p3")
 GRAPH_KINDS = ("embedding", "head", "attention", "deltanet", "expert_group")
 TENSOR_DTYPES = ("float32", "float16", "int8", "int32")  # numpy names
 
@@ -83,11 +86,12 @@ class GraphRecord:
 class DenseTensor:
     name: str  # "embed", "final_norm", "lm_head" or "layers.{i}.{canonical name}"
     shape: tuple[int, ...]
+    dtype: str  # float32, or float16 for the projection matrices of an ascend_310p3 artifact
 
 
 @dataclass(frozen=True)
 class DenseRecord:
-    """Every weight that is not a routed expert, FP32 in one safetensors file, resident at run time."""
+    """Every weight that is not a routed expert, in one safetensors file, resident at run time."""
 
     file: FileRecord
     tensors: tuple[DenseTensor, ...]
@@ -174,6 +178,8 @@ class Manifest:
     graphs: tuple[GraphRecord, ...]
     dense: DenseRecord
     experts: ExpertStoreRecord
+    target: str  # one of TARGETS: the device the graphs were exported for
+    kernels: str | None  # the environment variable naming Ferry's CPU kernel library the graphs call; None: none
     format: str = FORMAT
     version: int = VERSION
     created_by: str = field(default="ferry")
@@ -224,6 +230,12 @@ class Manifest:
             raise ManifestError(f"{source}: {message}")
 
         spec = self.model
+        if self.target not in TARGETS:
+            fail(f"target is {self.target!r}, expected one of {TARGETS}")
+        if self.kernels is not None and (self.target != "cpu" or not self.kernels.startswith("FERRY_CPU_LIBRARY_")):
+            fail(f"kernels is {self.kernels!r}: only cpu artifacts call Ferry's CPU kernels (FERRY_CPU_LIBRARY_<hash>)")
+        if self.target != "cpu" and self.experts.dtype == "fp32":
+            fail(f"a {self.target} artifact stores its experts as fp16 or int8, not fp32")
         if len(spec.layer_types) != spec.num_layers:
             fail(f"model.layer_types has {len(spec.layer_types)} entries for {spec.num_layers} layers")
         if self.max_context < 1:
@@ -258,7 +270,7 @@ class Manifest:
         for tier in self.tiers:
             self._require_graph("expert_group", None, tier, source)
 
-        if self.dense.tied_head != spec.tie_word_embeddings or self.dense.tensors != tuple(dense_plan(spec)):
+        if self.dense.tied_head != spec.tie_word_embeddings or self.dense.tensors != tuple(dense_plan(spec, self.target)):
             fail("dense.tensors are not the dense weights of the model in 'model' (names, shapes or tied head differ)")
 
         store = self.experts

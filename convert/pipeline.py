@@ -22,7 +22,7 @@ from typing import Callable
 from convert.checkpoint import Checkpoint
 from convert.dense import DenseWriter, layer_tensor
 from convert.export import export_graph, graph_plans
-from convert.manifest import EXPERT_DTYPES, MANIFEST_NAME, ArtifactError, Manifest, SourceRecord, TierRecord
+from convert.manifest import EXPERT_DTYPES, MANIFEST_NAME, TARGETS, ArtifactError, Manifest, SourceRecord, TierRecord
 from convert.source import global_rows, release, source_bytes
 from convert.spec import ModelSpec
 from convert.store import StoreWriter
@@ -43,10 +43,15 @@ class ConvertOptions:
     tiers: tuple[TierRecord, ...] = (TierRecord(1, 8), TierRecord(8, 4), TierRecord(64, 2))
     buckets: tuple[int, ...] = (16, 64)  # prefill launch sizes (decode, 1 token, is always exported)
     max_context: int = 1024
+    target: str = "cpu"  # the device the graphs are for: cpu or ascend_310p3 (FP16 compute, no CPU op)
 
     def __post_init__(self):
         if self.dtype not in EXPERT_DTYPES:
             raise ValueError(f"expert dtype must be one of {EXPERT_DTYPES}, got {self.dtype!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target device must be one of {TARGETS}, got {self.target!r}")
+        if self.target != "cpu" and self.dtype == "fp32":
+            raise ValueError(f"the {self.target} computes in FP16: store its experts as fp16 or int8, not fp32")
         capacities = [t.capacity for t in self.tiers]
         if not self.tiers or capacities != sorted(set(capacities)) or min(t.group for t in self.tiers) < 1:
             raise ValueError(f"tiers must be non-empty with positive groups and distinct ascending capacities, "
@@ -158,7 +163,8 @@ def convert(model_dir: str | Path, out: str | Path, options: ConvertOptions = Co
             model=spec,
             source=SourceRecord(model_dir.resolve().name, _sha256_file(model_dir / "config.json")),
             max_context=options.max_context, buckets=tuple(options.buckets), tiers=tuple(options.tiers),
-            graphs=tuple(graphs), dense=dense, experts=experts, created_by=_created_by(),
+            graphs=tuple(graphs), dense=dense, experts=experts, target=options.target,
+            kernels=_kernels(options.target), created_by=_created_by(),
         )
         manifest.validate(f"{tmp / MANIFEST_NAME} (being written)")
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
@@ -180,17 +186,25 @@ def _created_by() -> str:
         return "ferry"
 
 
+def _kernels(target: str) -> str | None:
+    """What the exported graphs call: on the cpu target, Ferry's CPU kernel library when it is built
+    (graphs.moe.ExpertGroup asks the same question), named by its environment variable."""
+    from kernels.build import VARIABLE, library
+
+    return VARIABLE if target == "cpu" and library() is not None else None
+
+
 def _export_graphs(spec: ModelSpec, options: ConvertOptions, tmp: Path, progress: bool, stats: ConvertStats):
     from runtime.backend import configure
 
     configure()
     began = time.perf_counter()
-    plans = graph_plans(spec, options.buckets, options.tiers, options.max_context, options.dtype)
+    plans = graph_plans(spec, options.buckets, options.tiers, options.max_context, options.dtype, options.target)
     bar = Progress(progress, len(plans), "graphs", "graph")
     records = []
     try:
         for plan in plans:
-            records.append(export_graph(plan, spec, options.max_context, options.dtype, tmp))
+            records.append(export_graph(plan, spec, options.max_context, options.dtype, tmp, options.target))
             bar.update(1, plan.name)
     finally:
         bar.close()
@@ -203,7 +217,7 @@ def _write_weights(checkpoint: Checkpoint, options: ConvertOptions, tmp: Path, p
                    on_layer):
     spec = checkpoint.spec
     began = time.perf_counter()
-    dense = DenseWriter(tmp / DENSE_FILE, DENSE_FILE, spec)
+    dense = DenseWriter(tmp / DENSE_FILE, DENSE_FILE, spec, options.target)
     store = StoreWriter(tmp / EXPERT_FILE, EXPERT_FILE, spec, options.dtype)
     total = sum(math.prod(t.shape) for t in dense.plan) + spec.num_layers * spec.num_experts * spec.expert_params
     bar = Progress(progress, total, f"weights ({options.dtype} experts)", "param")

@@ -5,13 +5,15 @@ KV key/value heads, R = N / KV queries per KV head, D head dim, P rotary dims.
 
 The cache is an input, never rewritten here: the graph returns this launch's keys and values and
 the caller stores them at `cache_len`. Scores against the cache and against the new keys are
-computed separately, so the cache is read once and never concatenated (copied).
+computed separately, so the cache is read once and never concatenated (copied). A FP16 cache (the
+`ascend_310p3` target) is multiplied in FP16 as it is, the queries and probabilities cast to it;
+softmax stays FP32.
 """
 import numpy as np
 from mindspore import Tensor, nn, ops
 import mindspore as ms
 
-from graphs.common import Linear, rms_norm
+from graphs.common import Linear, in_dtype_of, rms_norm, to_f32
 
 
 def rotate_half(x):
@@ -60,6 +62,8 @@ class GatedAttention(nn.Cell):
 
         # queries grouped under their KV head: [KV, R*T, D] (row = r * T + t)
         q = query.reshape(t, kv, r, d).transpose(1, 2, 0, 3).reshape(kv, r * t, d)
+        key, value = in_dtype_of(key, k_cache), in_dtype_of(value, v_cache)  # returned in the cache's dtype
+        q = in_dtype_of(q, k_cache)
         k_old = k_cache.transpose(1, 0, 2)  # [KV, S, D]
         v_old = v_cache.transpose(1, 0, 2)
         k_new = key.transpose(1, 0, 2)  # [KV, T, D]
@@ -69,10 +73,10 @@ class GatedAttention(nn.Cell):
         old_mask = ops.select(old_visible, ops.zeros_like(self.cache_positions).astype(ms.float32),
                               ops.fill(ms.float32, (self.cache_size,), -np.inf))  # [S]
         new_mask = ops.tile(self.causal, (r, 1))  # [R*T, T]
-        scores_old = self.bmm_t(q, k_old) * self.scale + old_mask  # [KV, R*T, S]
-        scores_new = self.bmm_t(q, k_new) * self.scale + new_mask  # [KV, R*T, T]
-        probs = ops.softmax(ops.concat((scores_old, scores_new), -1), -1)  # [KV, R*T, S+T]
-        out = self.bmm(probs[..., : self.cache_size], v_old) + self.bmm(probs[..., self.cache_size :], v_new)
+        scores_old = to_f32(self.bmm_t(q, k_old)) * self.scale + old_mask  # [KV, R*T, S]
+        scores_new = to_f32(self.bmm_t(q, k_new)) * self.scale + new_mask  # [KV, R*T, T]
+        probs = in_dtype_of(ops.softmax(ops.concat((scores_old, scores_new), -1), -1), v_cache)  # [KV, R*T, S+T]
+        out = to_f32(self.bmm(probs[..., : self.cache_size], v_old) + self.bmm(probs[..., self.cache_size :], v_new))
         out = out.reshape(kv, r, t, d).transpose(2, 0, 1, 3).reshape(t, n * d)  # [T, N*D]
         out = out * ops.sigmoid(gate)
         return self.linear(out, o_proj), key, value  # [T, H], [T, KV, D], [T, KV, D]

@@ -2,9 +2,14 @@
 
 Legend: T tokens in a launch, H hidden, D any feature width.
 Weights arrive in the HF `[out, in]` layout and are multiplied with `transpose_b=True`, so no
-weight is ever transposed (copied) at run time.
+weight is ever transposed (copied) at run time. A graph computes in the dtype of its weights: FP32
+weights (the `cpu` target) give FP32 matmuls; FP16 weights (the `ascend_310p3` target, which has no
+BF16 and whose cube unit multiplies FP16) give FP16 matmuls, activations cast to FP16 going in and
+back to FP32 coming out, so norms, softmax, gates and the DeltaNet recurrence stay FP32. The
+branch on the weight's dtype is decided when the graph compiles, not at run time.
 """
 from mindspore import nn, ops
+from mindspore.common import dtype as mstype
 
 from kernels.build import VARIABLE, library
 
@@ -20,15 +25,29 @@ def cpu_kernel(name: str, out_shape, out_dtype):
     return op.add_prim_attr("path_from_env", True)
 
 
+def in_dtype_of(x, other):
+    """x cast to `other`'s dtype when that is FP16 (a FP16 matmul's operands), else x as it is."""
+    if other.dtype == mstype.float16:
+        return ops.cast(x, mstype.float16)
+    return x
+
+
+def to_f32(x):
+    """A FP16 matmul's result back in FP32; FP32 as it is."""
+    if x.dtype == mstype.float16:
+        return ops.cast(x, mstype.float32)
+    return x
+
+
 class Linear(nn.Cell):
-    """y = x @ w.T for x [T, in] and w [out, in], without copying w."""
+    """y = x @ w.T for x [T, in] and w [out, in], without copying w; y in FP32 (see the module docstring)."""
 
     def __init__(self):
         super().__init__()
         self.matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, x, weight):
-        return self.matmul(x, weight)  # [T, out]
+        return to_f32(self.matmul(in_dtype_of(x, weight), weight))  # [T, out]
 
 
 def rms_norm(x, weight, eps: float):

@@ -1,12 +1,12 @@
 """Token embedding and the output head. Legend: T tokens, V vocabulary, H hidden."""
 from mindspore import nn, ops
 
-from graphs.common import Linear, rms_norm
+from graphs.common import Linear, rms_norm, to_f32
 
 
 class Embedding(nn.Cell):
     def construct(self, ids, table):
-        return ops.gather(table, ids, 0)  # [T] -> [T, H]
+        return to_f32(ops.gather(table, ids, 0))  # [T] -> [T, H], FP32 whatever the table's dtype
 
 
 class Head(nn.Cell):

@@ -52,17 +52,20 @@ class ExpertGroup(nn.Cell):
     zero out), then G `gate_up` weights [2I, H] (gate rows, then up rows), then G `down` weights
     [H, I], one pair per slot as separate inputs, so that no launch stacks (copies) expert weights.
     On the CPU the whole group is one kernel call (`KERNEL`), which skips the padding rows; without
-    it (`FERRY_CPU_KERNELS=0`, other devices) each slot runs `expert` on MindSpore's operators.
+    it (`FERRY_CPU_KERNELS=0`, or `cpu_kernels=False`: graphs for a card) each slot runs `expert` on
+    MindSpore's operators, narrow weights widened to `wide`: FP32 where the CPU computes, FP16 for a
+    card that multiplies FP16 (the 310P3).
     """
 
     KERNEL = "FerryExperts"  # the CPU kernel for this storage format
 
-    def __init__(self, slots: int, intermediate: int):
+    def __init__(self, slots: int, intermediate: int, cpu_kernels: bool = True):
         super().__init__()
         self.slots = slots
         self.intermediate = intermediate
         self.linear = Linear()
-        self.kernel = cpu_kernel(self.KERNEL, lambda x, *shapes: x, lambda x, *dtypes: x)
+        self.wide = mstype.float32 if cpu_kernels else mstype.float16
+        self.kernel = cpu_kernel(self.KERNEL, lambda x, *shapes: x, lambda x, *dtypes: x) if cpu_kernels else None
         self.use_kernel = self.kernel is not None
 
     def construct(self, x, counts, *weights):
@@ -80,18 +83,18 @@ class ExpertGroup(nn.Cell):
 
 
 class ExpertGroupFP16(ExpertGroup):
-    """ExpertGroup over FP16-stored weights: the same inputs in FP16, computed in FP32.
+    """ExpertGroup over FP16-stored weights: the same inputs in FP16.
 
     The CPU computes in FP32 (MindSpore's FP16 matmuls are several times slower there): the kernel
-    widens the weights in registers; the fallback casts each weight to FP32 inside the graph. A
-    device that computes in FP16 would drop the cast.
+    widens the weights in registers; the fallback casts each weight to FP32 inside the graph. For a
+    card (`wide` FP16) the cast is none and the matmuls are FP16.
     """
 
     KERNEL = "FerryExpertsF16"
 
     def expert(self, x, g, weights):
-        gate_up = ops.cast(weights[g], mstype.float32)  # [2I, H]
-        down = ops.cast(weights[self.slots + g], mstype.float32)  # [H, I]
+        gate_up = ops.cast(weights[g], self.wide)  # [2I, H]
+        down = ops.cast(weights[self.slots + g], self.wide)  # [H, I]
         hidden = swiglu(self.linear(x, gate_up), self.intermediate)  # [C, I]
         return self.linear(hidden, down)  # [C, H]
 
@@ -108,7 +111,7 @@ class ExpertGroupInt8(ExpertGroup):
 
     def expert(self, x, g, weights):
         n = self.slots
-        gate_up = ops.cast(weights[g], mstype.float32)  # [2I, H] integer values
-        down = ops.cast(weights[n + g], mstype.float32)  # [H, I]
+        gate_up = ops.cast(weights[g], self.wide)  # [2I, H] integer values
+        down = ops.cast(weights[n + g], self.wide)  # [H, I]
         hidden = swiglu(self.linear(x, gate_up) * weights[2 * n + g], self.intermediate)  # [C, I]
         return self.linear(hidden, down) * weights[3 * n + g]  # [C, H]

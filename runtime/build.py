@@ -68,7 +68,7 @@ def engine_from_artifact(artifact_dir: str | Path, residence: Residence | None =
     else:
         dispatcher = _streaming_dispatcher(artifact, tiers, graphs, residence, policy_kwargs, prefetch_limit,
                                            record_requests, host_blas_threads)
-    return Engine(artifact, dispatcher, graphs, Buckets(manifest.buckets), manifest.max_context)
+    return Engine(artifact, dispatcher, graphs, Buckets(manifest.buckets), manifest.max_context, artifact.kv_dtype)
 
 
 def _streaming_dispatcher(artifact, tiers: TierSet, graphs, residence: Residence, policy_kwargs, prefetch_limit,

@@ -66,9 +66,10 @@ def rope_tables(spec: ModelSpec, length: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class SequenceState:
-    """KV caches (host arrays the graphs read in place) and DeltaNet states of one sequence."""
+    """KV caches (host arrays the graphs read in place, in the graphs' dtype) and DeltaNet states
+    (FP32) of one sequence."""
 
-    def __init__(self, spec: ModelSpec, max_context: int):
+    def __init__(self, spec: ModelSpec, max_context: int, kv_dtype=np.float32):
         conv_shape = (spec.linear_conv_kernel_dim - 1, spec.conv_dim)
         rec_shape = (spec.linear_num_value_heads, spec.linear_key_head_dim, spec.linear_value_head_dim)
         kv_shape = (max_context, spec.num_key_value_heads, spec.head_dim)
@@ -76,8 +77,8 @@ class SequenceState:
         self.keys, self.values, self.conv, self.recurrent = {}, {}, {}, {}
         for layer, kind in enumerate(spec.layer_types):
             if kind == "full_attention":
-                self.keys[layer] = np.zeros(kv_shape, np.float32)
-                self.values[layer] = np.zeros(kv_shape, np.float32)
+                self.keys[layer] = np.zeros(kv_shape, kv_dtype)
+                self.values[layer] = np.zeros(kv_shape, kv_dtype)
             else:
                 self.conv[layer] = ms.Tensor(np.zeros(conv_shape, np.float32))
                 self.recurrent[layer] = ms.Tensor(np.zeros(rec_shape, np.float32))
@@ -87,7 +88,7 @@ class Engine:
     """Runs the model one launch at a time over a `SequenceState`."""
 
     def __init__(self, weights: DenseWeights, dispatcher: ExpertDispatcher, graphs: GraphSet,
-                 buckets: Buckets = Buckets(), max_context: int = 1024):
+                 buckets: Buckets = Buckets(), max_context: int = 1024, kv_dtype=np.float32):
         self.spec = spec = weights.spec
         self.dispatcher = dispatcher
         self.graphs = graphs
@@ -103,10 +104,11 @@ class Engine:
             dense = weights.layer_weights(layer)
             self.layers.append(tuple(ms.Tensor.from_numpy(dense[name]) for name in names))
         self.cos, self.sin = rope_tables(spec, max_context + max(buckets.prefill))
-        self.state = SequenceState(spec, max_context)
+        self.kv_dtype = kv_dtype
+        self.state = SequenceState(spec, max_context, kv_dtype)
 
     def reset(self) -> None:
-        self.state = SequenceState(self.spec, self.max_context)
+        self.state = SequenceState(self.spec, self.max_context, self.kv_dtype)
 
     def close(self) -> None:
         """Stop the dispatcher's background work (the prefetch thread, when there is one)."""

@@ -11,7 +11,7 @@ import mindspore as ms
 from mindspore import nn
 
 from convert.artifact import Artifact
-from kernels.build import library
+from kernels.build import VARIABLE, compiled
 from convert.manifest import ArtifactError, GraphRecord, TierRecord
 from offload.tiers import Tier
 
@@ -19,6 +19,23 @@ _DTYPES = {"float32": ms.float32, "float16": ms.float16, "int8": ms.int8, "int32
 # Loaded graphs by file SHA-256: artifacts sharing a graph (one model in several storage formats)
 # load and compile it once per process. A graph holds no weights, so sharing it is safe.
 _CELLS: dict[str, nn.GraphCell] = {}
+
+
+def check_kernels(artifact: Artifact) -> None:
+    """Expert-group graphs that call Ferry's CPU kernels find the library through the environment
+    variable the manifest names (kernels/build.py): build the library for this machine and set it,
+    or refuse, saying why, an artifact whose graphs call kernels this Ferry cannot provide."""
+    wanted = artifact.manifest.kernels
+    if wanted is None:
+        return
+    where = artifact.root / "manifest.json"
+    if wanted != VARIABLE:
+        raise ArtifactError(f"{where}: its graphs call Ferry's CPU kernels of another source version ({wanted}; this "
+                            f"Ferry's are {VARIABLE}): re-run `python -m convert` with this Ferry")
+    if compiled() is None:
+        raise ArtifactError(f"{where}: its graphs call Ferry's CPU kernels, which are unavailable here "
+                            f"(FERRY_CPU_KERNELS=0, or no C++ compiler with AVX2/FMA/F16C: see the warning above); "
+                            f"convert again with FERRY_CPU_KERNELS=0 for graphs of MindSpore's operators only")
 
 
 class GraphLaunch:
@@ -42,9 +59,7 @@ class ExportedGraphs:
     """Implements `runtime.graph_set.GraphSet` from an artifact's graph files."""
 
     def __init__(self, artifact: Artifact):
-        # expert-group graphs exported on the CPU find Ferry's kernel library through an environment
-        # variable (kernels/build.py): build the library for this machine and set it before they load
-        library()
+        check_kernels(artifact)
         self.artifact = artifact
         self.manifest = artifact.manifest
         self._loaded: dict[str, GraphLaunch] = {}

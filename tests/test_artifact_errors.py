@@ -77,9 +77,17 @@ def test_corrupted_expert_block_names_layer_and_expert(artifact, capsys):
     assert "layer 2, expert 5" in printed and "FAILED: 1 of" in printed
 
 
+def test_graphs_of_other_kernels_are_refused_by_name(artifact):
+    """Graphs that call another version of Ferry's CPU kernels (or none are buildable) are refused
+    before MindSpore tries to load them."""
+    edit_manifest(artifact, lambda data: data.update(kernels="FERRY_CPU_LIBRARY_0123456789abcdef"))
+    with pytest.raises(ArtifactError, match="another source version .FERRY_CPU_LIBRARY_0123456789abcdef"):
+        engine_from_artifact(artifact)
+
+
 def test_manifest_of_another_version(artifact):
     edit_manifest(artifact, lambda m: m.update(version=1))
-    with pytest.raises(ManifestVersionError, match="manifest version 1, this Ferry reads version 2"):
+    with pytest.raises(ManifestVersionError, match="manifest version 1, this Ferry reads version 3"):
         Artifact.open(artifact)
 
 

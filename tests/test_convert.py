@@ -184,6 +184,45 @@ def test_narrow_storage_accuracy(case, narrow, base):
         assert tokens == ref_tokens
 
 
+# FP16 graphs for the 310P3 against transformers in FP32 (measured on the base checkpoint: max |dlogit|
+# 2.4e-2, RMS 2.2e-3, top-1 0.986; the tiny model's flat next-token distribution lets greedy tokens part
+# after 3): the bounds are about 3x, as above.
+ASCEND_TOLERANCE = {"max": 0.075, "rms": 7e-3, "top1": 0.95}
+
+
+def test_ascend_310p3_artifact_has_no_cpu_op_and_matches_transformers_in_fp16(base, tmp_path, capsys):
+    """`--device ascend_310p3`: FP16 projection weights and KV cache, FP16 experts, no custom op in
+    any graph; the CPU backend runs the same graphs within the stated FP16 tolerance."""
+    model_dir, ids, reference = base[0], base[1], base[2]
+    out = tmp_path / "ascend"
+    assert cli(["--model-dir", str(model_dir), "--out", str(out), "--device", "ascend_310p3", "--dtype", "fp16",
+                "--tiers", "1x2,8x4,64x2", "--buckets", "16,64", "--max-context", "256", "--quiet"]) == 0
+    manifest = Manifest.from_json((out / "manifest.json").read_text())
+    assert manifest.target == "ascend_310p3" and manifest.kernels is None
+    dtypes = {t.name: t.dtype for t in manifest.dense.tensors}
+    assert dtypes["embed"] == dtypes["layers.0.in_proj_qkv"] == dtypes["layers.1.q_proj"] == "float16"
+    assert dtypes["final_norm"] == dtypes["layers.0.A_log"] == "float32"
+    attention = manifest.graph("attention", 1)
+    assert attention.inputs[3].dtype == "float16" and attention.outputs[-1].dtype == "float16"  # KV cache
+    for graph in (out / "graphs").glob("*.mindir"):
+        data = graph.read_bytes()
+        assert b"Custom" not in data and b"FERRY_CPU_LIBRARY" not in data, graph.name
+    engine = engine_from_artifact(out)
+    assert engine.state.keys[1].dtype == np.float16
+    ours = engine.forward(ids, all_logits=True)
+    diff = ours - reference
+    errors = {"max": float(np.abs(diff).max()), "rms": float(np.sqrt(np.mean(diff ** 2))),
+              "top1": float(np.mean(ours.argmax(-1) == reference.argmax(-1)))}
+    print(f"\nascend_310p3 fp16 against transformers fp32: {errors}")
+    assert errors["max"] <= ASCEND_TOLERANCE["max"] and errors["rms"] <= ASCEND_TOLERANCE["rms"]
+    assert errors["top1"] >= ASCEND_TOLERANCE["top1"]
+    capsys.readouterr()
+    assert cli(["inspect", str(out)]) == 0
+    assert "target ascend_310p3: graphs no custom op" in capsys.readouterr().out
+    assert cli(["--model-dir", str(model_dir), "--out", str(tmp_path / "x"), "--device", "ascend_310p3"]) == 2
+    assert "store its experts as fp16 or int8, not fp32" in capsys.readouterr().err
+
+
 def test_storage_report_counts_out_of_range_values():
     rng = np.random.default_rng(0)
     gate_up = rng.standard_normal((8, 16)).astype(np.float32) * 0.1
@@ -330,5 +369,5 @@ def test_global_tensors_are_read_in_row_chunks(base, monkeypatch):
 def test_manifest_json_round_trip_is_plain_data(base):
     text = (base[4] / "manifest.json").read_text()
     data = json.loads(text)
-    assert data["format"] == "ferry-artifact" and data["version"] == 2
+    assert data["format"] == "ferry-artifact" and data["version"] == 3 and data["target"] == "cpu"
     assert data["experts"]["parts"][0] == {"name": "gate_up", "dtype": "float32", "shape": [64, 64], "offset": 0}
