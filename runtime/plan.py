@@ -225,10 +225,15 @@ def plan_memory(spec: ModelSpec, device: DeviceProfile, placement: Placement, ma
     recurrent = spec.linear_num_value_heads * spec.linear_key_head_dim * spec.linear_value_head_dim
     work, work_name = workspace_elements(spec, prefill_tokens, max_context, tiers)
     dtype = device.compute_dtype.replace("float", "FP")
+    # On the CPU backend the untied embedding table is used where it lies in the mapped dense file:
+    # a token reads one row, so the table is page cache the OS may drop, not memory the run holds.
+    # (Tied, the head reads all of it every token.) A card holds it with the other dense weights.
+    mapped_embedding = spec.vocab_size * spec.hidden_size if device.host_is_device and not spec.tie_word_embeddings else 0
+    held = edge + layers - mapped_embedding
     fixed = [
-        PlanItem("dense weights", (edge + layers) * b,
-                 f"{count(edge + layers)} params, {dtype}: embedding + head {count(edge)}, "
-                 f"{spec.num_layers} layers {count(layers)}"),
+        PlanItem("dense weights", held * b,
+                 f"{count(held)} params, {dtype}: " + ("head" if mapped_embedding else "embedding + head")
+                 + f" {count(edge - mapped_embedding)}, {spec.num_layers} layers {count(layers)}"),
         PlanItem("KV cache", kv_bytes,
                  f"{attention_layers} attention layers x K,V x {max_context} tokens x {spec.num_key_value_heads} "
                  f"heads x {spec.head_dim}, {dtype}"),
@@ -243,6 +248,10 @@ def plan_memory(spec: ModelSpec, device: DeviceProfile, placement: Placement, ma
     store = PlanItem("expert store", 0, f"experts.bin, {total_experts} x {size(expert_bytes)} {expert_dtype} = "
                                         f"{size(store_bytes)} on disk, read through the page cache (not held)")
     host_items = [store]
+    if mapped_embedding:
+        host_items.insert(0, PlanItem("embedding table", 0, f"{count(mapped_embedding)} params, {dtype}: "
+                                      f"{size(mapped_embedding * b)} mapped from dense.safetensors, one row read per "
+                                      f"token through the page cache (not held)"))
     if not device.host_is_device:
         host_items = [PlanItem("host runtime", device.host_reserved_bytes, f"{device.name} profile (host_reserved_gb)"),
                       PlanItem("pinned staging", 2 * min_slots * expert_bytes,

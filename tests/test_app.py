@@ -287,6 +287,18 @@ def test_plan_of_qwen36_on_the_310p3(tmp_path):
     assert "the largest expert budget that fits is 16.49 GiB (2815 slots)" in resident.stdout
 
 
+def test_plan_checks_the_host_beside_a_card(tmp_path):
+    """A card's plan has a host side of its own (runtime, pinned staging), refused with its figure."""
+    proc = ferry(["mode=plan", "+model=qwen36_35b", "device=ascend_310p3", "device.host_memory_gb=1"], tmp_path, tmp_path)
+    assert_clean(proc, status=1)
+    assert re.search(r"pinned staging\s+96\.0 MiB\s+2 x 8 blocks", proc.stdout)
+    assert "the host needs 1.59 GiB beside the device and has 1.00 GiB (device.host_memory_gb)" in proc.stdout
+    cpu = ferry(["mode=plan", "+model=qwen36_35b", "device=cpu", "device.expert_dtype=int8"], tmp_path, tmp_path)
+    assert_clean(cpu)  # one memory: the pool is what is left of RAM after everything else, the store stays on disk
+    assert "host (the same memory)" in cpu.stdout and re.search(r"x 3\.0 MiB int8", cpu.stdout)
+    assert "10240 x 3.0 MiB int8 = 30.12 GiB on disk" in cpu.stdout
+
+
 def test_plan_refuses_a_pool_smaller_than_one_launch():
     spec = settings.model_spec(OmegaConf.load(CONF / "model" / "qwen36_35b.yaml"), None)
     device = DeviceProfile("card", "Ascend", 24 * GIB, 2 * GIB, "float16", expert_dtype="fp16")
@@ -352,7 +364,7 @@ BAD = [
     (["prompt_ids=[5000]"], 2, "prompt_ids [5000] are outside the vocabulary (size 1024)"),
     (["chat=true", "prompt_ids=[1]"], 2, "chat=true needs a text prompt"),
     (["max_context=8"], 2, "the prompt is 14 tokens, longer than max_context=8"),
-    (["device.memory_gb=0.5"], 1, "this run does not fit cpu: cpu has 512.0 MiB; everything but the experts takes 523.8 MiB"),
+    (["device.memory_gb=0.5"], 1, "this run does not fit cpu: cpu has 512.0 MiB; everything but the experts takes 522.8 MiB"),
 ]
 
 
