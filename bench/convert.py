@@ -36,7 +36,7 @@ GIB = 2**30
 
 def layer_bytes(model_dir: Path, layer: int) -> int:
     """Checkpoint bytes of one decoder layer: its dense tensors and its routed experts."""
-    from convert.checkpoint import Checkpoint
+    from model.checkpoint import Checkpoint
 
     checkpoint = Checkpoint(model_dir)
     marker = f"layers.{layer}."
@@ -71,7 +71,7 @@ def worker_floor() -> dict:
 
 
 def worker_convert(model_dir: str, out: str, dtype: str, max_context: int) -> dict:
-    from convert.manifest import TierRecord
+    from artifact.manifest import TierRecord
     from convert.pipeline import ConvertOptions, convert
 
     tiers = (TierRecord(1, 8), TierRecord(8, 4), TierRecord(64, 2))
@@ -87,8 +87,8 @@ def expert_output_error(model_dir: Path, artifact_dir: Path, layer: int = 0) -> 
     tier graph and store, against the same experts in FP32 from the checkpoint."""
     import mindspore as ms
 
-    from convert.artifact import Artifact
-    from convert.checkpoint import Checkpoint
+    from artifact.reader import Artifact
+    from model.checkpoint import Checkpoint
     from offload.store_weights import StoreExperts
     from offload.tiers import Tier
     from runtime.backend import configure
@@ -146,7 +146,7 @@ def main() -> None:
         os.sync()  # the previous artifact's writeback must not slow this convert
         stats = run_child(["--worker", "convert", str(model_dir), str(out), dtype, str(args.max_context)])
         peak = stats["peak_rss"]
-        from convert.artifact import Artifact
+        from artifact.reader import Artifact
 
         report = Artifact.open(out, verify="none").manifest.experts.report
         error = expert_output_error(model_dir, out)

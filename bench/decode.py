@@ -139,7 +139,7 @@ def main() -> None:
         return
 
     from bench.measure import decode_bytes_per_token, read_bandwidth, run_worker
-    from convert.artifact import Artifact
+    from artifact.reader import Artifact
     from runtime.backend import configure
 
     configure(threads=args.threads)

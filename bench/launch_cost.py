@@ -8,7 +8,7 @@ the CPU caches so that every launch reads its weights from memory, as a real ste
     t(G, C) = launch_s + slot_s * G + slot_token_s * G * C
 by non-negative least squares on relative error (times span two orders of magnitude), and prints
 the fit, the residual of every point and a `LaunchCost(...)` line to paste into
-`offload/calibrate.py` (`CPU_COST`).
+`app/calibrate.py` (`CPU_COST`).
 
 MindSpore 2.10's CPU MatMul is not linear in C: x [C, 2048] @ w[1024, 2048].T takes 1.8 ms at
 C = 15, 6.7 ms at 16, 12 ms at 24 and 2.1 ms at 28 (measured here, 2 cores). The fit leaves that
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from offload.calibrate import LaunchCost
+from app.calibrate import LaunchCost
 from offload.tiers import Tier
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.spec import ModelSpec
+from model.spec import ModelSpec
 
 FLOAT32 = 4
 
@@ -46,7 +46,7 @@ def read_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
 
 def dense_layer_params(spec: ModelSpec, layer: int) -> int:
     """Weights one token reads in a layer outside the routed experts (mixer, router, shared expert)."""
-    from convert.names import layer_names
+    from model.names import layer_names
 
     return sum(int(np.prod(name.shape)) for name in layer_names(spec, layer).values())
 

@@ -3,7 +3,7 @@
     python bench/offload.py                  # real layer widths, 2 layers (a few minutes, ~10 GB disk)
     python bench/offload.py --preset small   # a small model (seconds), for a quick look
 
-How the routing trace is produced: a random checkpoint (`convert.synthetic`, FP32, seed 0) with
+How the routing trace is produced: a random checkpoint (`model.synthetic`, FP32, seed 0) with
 Qwen3.6-35B-A3B's layer widths (hidden 2048, 256 experts of intermediate 512, top-8, one DeltaNet
 and one full-attention layer, small vocabulary), converted once to an FP32 artifact, streams through
 the offload controller (`runtime.build.engine_from_artifact` with a slot pool): a 32-token
@@ -35,12 +35,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from convert.artifact import Artifact  # noqa: E402
+from artifact.reader import Artifact  # noqa: E402
 from convert.cache import cached_artifact  # noqa: E402
-from convert.manifest import TierRecord  # noqa: E402
+from artifact.manifest import TierRecord  # noqa: E402
 from convert.pipeline import ConvertOptions  # noqa: E402
-from convert.spec import ModelSpec  # noqa: E402
-from convert.synthetic import write_random_checkpoint  # noqa: E402
+from model.spec import ModelSpec  # noqa: E402
+from model.synthetic import write_random_checkpoint  # noqa: E402
 from offload.placement import limit_blas_threads  # noqa: E402
 from offload.policies import make_policy  # noqa: E402
 from offload.prefetch import RouterPredictor  # noqa: E402
@@ -48,7 +48,7 @@ from offload.residence import Residence  # noqa: E402
 from offload.slots import SlotPool  # noqa: E402
 from runtime.backend import configure  # noqa: E402
 from runtime.build import engine_from_artifact  # noqa: E402
-from runtime.plan import expert_block_bytes  # noqa: E402
+from app.plan import expert_block_bytes  # noqa: E402
 from runtime.sampling import Sampler, Sampling  # noqa: E402
 
 POLICIES = ("lru", "lfu", "decay", "belady")

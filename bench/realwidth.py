@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from convert.spec import ModelSpec
-from convert.synthetic import write_random_checkpoint
+from model.spec import ModelSpec
+from model.synthetic import write_random_checkpoint
 
 CACHE = Path(os.environ.get("FERRY_BENCH_CACHE", Path.home() / ".cache" / "ferry" / "bench"))
 
@@ -46,7 +46,7 @@ def real_width_artifact(dtype: str, layers: int = 4, vocab: int = 8192) -> Path:
     tiers (1x8, 8x4, 64x2), the prefill and decode benches' buckets and context, and `dtype`
     experts, cached beside it."""
     from convert.cache import cached_artifact
-    from convert.manifest import TierRecord
+    from artifact.manifest import TierRecord
     from convert.pipeline import ConvertOptions
 
     options = ConvertOptions(dtype, (TierRecord(1, 8), TierRecord(8, 4), TierRecord(64, 2)), PREFILL_BUCKETS,

@@ -58,7 +58,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.realwidth import CACHE, real_width_spec  # noqa: E402
-from convert.spec import ModelSpec  # noqa: E402
+from model.spec import ModelSpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GIB, GB, MB = 2**30, 1e9, 1e6
@@ -96,10 +96,10 @@ class Sizes:
 def sizes(spec: ModelSpec, dtypes: list[str]) -> Sizes:
     import numpy as np
 
-    from convert.dense import dense_plan
-    from convert.names import layer_names
-    from convert.store import block_layout, block_stride
-    from runtime.plan import dense_params
+    from artifact.dense import dense_plan
+    from model.names import layer_names
+    from artifact.store import block_layout, block_stride
+    from app.plan import dense_params
 
     edge, layers = dense_params(spec)
     experts = spec.num_layers * spec.num_experts
@@ -218,7 +218,7 @@ def ensure_checkpoint(layers: int, vocab: int) -> Path:
 
 
 def read_manifest(artifact: Path) -> dict:
-    """The artifact's manifest as plain JSON: this process may outlive an edit of convert.manifest's
+    """The artifact's manifest as plain JSON: this process may outlive an edit of artifact.manifest's
     schema, and the child that wrote it (and run.py) are the ones that validate it."""
     return json.loads((artifact / "manifest.json").read_text())
 

@@ -5,8 +5,8 @@
     python -m bench.tiers --trace ~/.cache/ferry/traces/realwidth-4l.npz   # re-score, no model run
 
 Records routing over the calibration prompts (prefill, then greedy decode) with
-`offload.routing.record_routing`, saves the trace (it also feeds the cache benchmarks), then for
-each cost profile (`offload.calibrate.COSTS`: the CPU one measured here, the 310P3 one from its
+`app.routing.record_routing`, saves the trace (it also feeds the cache benchmarks), then for
+each cost profile (`app.calibrate.COSTS`: the CPU one measured here, the 310P3 one from its
 specs) prints padding fraction, launches and modelled expert time per layer step of: the
 calibrated tiers (`choose_tiers`), one tier holding the largest load, power-of-two tiers halving
 down from the largest load, power-of-two tiers spread from 1, and `conf/tiers/default.yaml`.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from offload import calibrate, routing
+from app import calibrate, routing
 from offload.tiers import from_config
 
 TRACES = Path.home() / ".cache" / "ferry" / "traces"
@@ -67,8 +67,8 @@ class LazyExperts:
 
 def build_engine(model_dir: Path, buckets: tuple[int, ...], max_context: int, resident_gb: float, cache_gb: float):
     """Every expert resident when they fit in `resident_gb` (FP32), else read on demand."""
-    from convert.checkpoint import Checkpoint
-    from convert.spec import load_spec
+    from model.checkpoint import Checkpoint
+    from model.spec import load_spec
     from offload.dispatch import ExpertDispatcher
     from runtime.backend import configure
     from runtime.build import default_tiers, engine_from_checkpoint
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="demo", help="demo, realwidth, or a checkpoint directory")
     parser.add_argument("--trace", type=Path, help="score this saved trace instead of recording one")
     parser.add_argument("--layers", type=int, default=4, help="layers of the realwidth checkpoint")
-    parser.add_argument("--prompts", type=Path, help="prompts file (default: offload/calibration_prompts.txt)")
+    parser.add_argument("--prompts", type=Path, help="prompts file (default: app/calibration_prompts.txt)")
     parser.add_argument("--max-prompts", type=int)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=16)

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.dense import dense_plan
-from convert.manifest import MANIFEST_NAME, VERSION, ArtifactError
+from artifact.dense import dense_plan
+from artifact.manifest import MANIFEST_NAME, VERSION, ArtifactError
 from convert.pipeline import ConvertOptions, convert
-from convert.spec import ModelSpec, load_spec
-from convert.store import block_layout, block_stride
+from model.spec import ModelSpec, load_spec
+from artifact.store import block_layout, block_stride
 
 SAMPLES, SAMPLE_BYTES = 16, 1 << 20
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")

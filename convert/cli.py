@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.manifest import TARGETS, TierRecord
-from convert.spec import CheckpointError, ModelSpec
+from artifact.manifest import TARGETS, TierRecord
+from model.spec import CheckpointError, ModelSpec
 
 CONF_TIERS = Path(__file__).resolve().parents[1] / "conf" / "tiers"
 COMMANDS = ("inspect", "verify", "query")
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_convert(args) -> int:
     from convert.pipeline import ConvertOptions, convert
-    from convert.spec import load_spec
+    from model.spec import load_spec
 
     spec = load_spec(args.model_dir)
     options = ConvertOptions(dtype=args.dtype, tiers=parse_tiers(args.tiers, spec), buckets=parse_buckets(args.buckets),
@@ -151,7 +151,7 @@ def _report_line(report) -> str:
 
 
 def _open(path: Path, verify: str):
-    from convert.artifact import Artifact
+    from artifact.reader import Artifact
 
     return Artifact.open(path, verify=verify)
 
@@ -195,7 +195,7 @@ def inspect(args) -> int:
 
 
 def verify(args) -> int:
-    from convert.artifact import ChecksumError
+    from artifact.reader import ChecksumError
 
     artifact = _open(args.artifact, "none")
     m = artifact.manifest
@@ -231,7 +231,7 @@ def _stats(name: str, array: np.ndarray) -> str:
 
 
 def query(args) -> int:
-    from convert.store import decode_block
+    from artifact.store import decode_block
 
     artifact = _open(args.artifact, "none")
     if args.tensor is not None:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from convert import names
-from convert.dense import dense_dtype
-from convert.manifest import FileRecord, GraphRecord, TensorSig, TierRecord
-from convert.spec import ModelSpec
-from convert.store import block_layout
+from model import names
+from artifact.dense import dense_dtype
+from artifact.manifest import FileRecord, GraphRecord, TensorSig, TierRecord
+from model.spec import ModelSpec
+from artifact.store import block_layout
 
 GRAPH_DIR = "graphs"
 
@@ -152,7 +152,7 @@ def export_graph(plan: GraphPlan, spec: ModelSpec, max_context: int, expert_dtyp
 
 
 def file_record(root: Path, relative: str) -> FileRecord:
-    from convert.artifact import sha256_of
+    from artifact.reader import sha256_of
 
     path = root / relative
     return FileRecord(relative, path.stat().st_size, sha256_of(path))

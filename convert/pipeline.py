@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from convert.checkpoint import Checkpoint
-from convert.dense import DenseWriter, layer_tensor
+from model.checkpoint import Checkpoint
+from artifact.dense import DenseWriter, layer_tensor
 from convert.export import export_graph, graph_plans
-from convert.manifest import EXPERT_DTYPES, MANIFEST_NAME, TARGETS, ArtifactError, Manifest, SourceRecord, TierRecord
+from artifact.manifest import EXPERT_DTYPES, MANIFEST_NAME, TARGETS, ArtifactError, Manifest, SourceRecord, TierRecord
 from convert.source import global_rows, release, source_bytes
-from convert.spec import ModelSpec
-from convert.store import StoreWriter
+from model.spec import ModelSpec
+from artifact.store import StoreWriter
 
 DENSE_FILE = "dense.safetensors"
 EXPERT_FILE = "experts.bin"

@@ -1,6 +1,6 @@
 """What conversion reads from a `Checkpoint` beyond its public methods, in one place.
 
-Three needs of a streaming convert that `convert.checkpoint` does not expose (yet):
+Three needs of a streaming convert that `model.checkpoint` does not expose (yet):
 - the large global tensors (embedding, LM head: [V, H], 2 GB each in FP32 for the real model)
   read in row chunks instead of whole;
 - dropping the source's mapped pages once a layer is done. The reader maps each safetensors file
@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from convert.checkpoint import Checkpoint
+from model.checkpoint import Checkpoint
 
 ROW_CHUNK_BYTES = 64 << 20  # FP32 bytes per chunk of a global tensor
 

@@ -81,7 +81,7 @@ class HostKernels:
         return out
 
     def expert(self, x: np.ndarray, block: Mapping[str, np.ndarray]) -> np.ndarray:
-        """One expert on x [n, H] from a block's arrays by part name (`convert.store`) -> [n, H]."""
+        """One expert on x [n, H] from a block's arrays by part name (`artifact.store`) -> [n, H]."""
         weights = [block[part] for part in PARTS if part in block]
         return self.expert_group(x[None], np.array([len(x)], np.int32), weights)[0]
 

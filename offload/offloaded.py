@@ -3,7 +3,7 @@
 Legend: S slots, H hidden, I expert width; a key is `(layer, expert)`.
 
 The slots are allocated once, at start: one page-aligned buffer `[S, stride]` of bytes, each row
-one block in the artifact's block format (`convert.store`: the parts of one slot of the
+one block in the artifact's block format (`artifact.store`: the parts of one slot of the
 expert-group graph for the store's dtype, fp32, fp16 or int8 with its scales, at their offsets),
 and each part of each slot wrapped once as a MindSpore tensor (`Tensor.from_numpy` shares the
 buffer, and graphs read whatever the buffer holds when they run). Streaming an expert is one read
@@ -46,9 +46,9 @@ PAGE = 4096
 
 
 class BlockSource(Protocol):
-    """Where streamed blocks come from: the artifact's expert store (`convert.artifact.ExpertStoreReader`).
+    """Where streamed blocks come from: the artifact's expert store (`artifact.reader.ExpertStoreReader`).
 
-    `parts` are `convert.manifest.BlockPart`s (name, dtype, shape, offset): one slot's inputs of the
+    `parts` are `artifact.manifest.BlockPart`s (name, dtype, shape, offset): one slot's inputs of the
     expert-group graph, in the order the graph takes them."""
 
     parts: tuple

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import mindspore as ms
 
-from convert.store import decode_block
+from artifact.store import decode_block
 from kernels.host import host_kernels
 from offload.offloaded import slot_buffers
 from offload.policies import Key
@@ -61,7 +61,7 @@ def limit_blas_threads(threads: int) -> bool:
 
 
 def host_expert(x: np.ndarray, block: Mapping[str, np.ndarray]) -> np.ndarray:
-    """One SwiGLU expert on the host from a block's arrays by part name (`convert.store`): x [n, H],
+    """One SwiGLU expert on the host from a block's arrays by part name (`artifact.store`): x [n, H],
     gate_up [2I, H], down [H, I] (fp32, fp16, or int8 with per-row scales) -> [n, H] float32.
 
     Through the graphs' own CPU kernel where it is built (`kernels.host`: narrow weights widened in

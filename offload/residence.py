@@ -1,6 +1,6 @@
 """Where a run's routed experts live and compute: decided here, once.
 
-The memory plan (`runtime.plan`) asks this module how many slots a placement buys in the room the
+The memory plan (`app.plan`) asks this module how many slots a placement buys in the room the
 rest of the plan leaves; the engine builder (`runtime.build.engine_from_artifact`) builds exactly
 what the answer says; `run.py` reports it. Two answers:
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import mindspore as ms
 
-from convert.artifact import ExpertStoreReader
+from artifact.reader import ExpertStoreReader
 
 
 class StoreExperts:

@@ -3,7 +3,7 @@
 Expert compute runs through graphs compiled for a fixed shape, one graph per tier, so at run time
 each expert's tokens must be packed into slots of a tier's capacity and the slots launched in
 groups of that tier's size. This module is the single definition of that packing: the runtime
-launch loop and the calibration cost (`offload.calibrate`) both call `plan_launches`.
+launch loop and the calibration cost (`app.calibrate`) both call `plan_launches`.
 
 Dimensions:
     E  experts in the layer (router width)

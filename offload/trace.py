@@ -66,7 +66,7 @@ class RoutingTrace:
     Dense on purpose: 40 KB per step for the full model (40 x 256 int32), simple to check and to
     slice; `.npz` compression absorbs the zeros.
 
-    Optional, recorded by `offload.routing` (what co-activation statistics need):
+    Optional, recorded by `app.routing` (what co-activation statistics need):
     `topk[row, layer, k]` the router's expert ids for every token row, step-major, R rows in all;
     `step_tokens[step]` how many of those rows each step has (they sum to R); `decode[step]` true
     for a decode step (one new token) and false for a prefill launch.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convert.checkpoint import Checkpoint
-from convert.spec import ModelSpec
+from model.checkpoint import Checkpoint
+from model.spec import ModelSpec
 from offload.dispatch import ExpertDispatcher, ResidentExperts
 from offload.residence import Residence
 from offload.tiers import TierSet, from_config
@@ -52,7 +52,7 @@ def engine_from_artifact(artifact_dir: str | Path, residence: Residence | None =
     host compute is on, numpy's BLAS is set to `host_blas_threads` threads for the whole process (1:
     its spinning threads otherwise slow MindSpore's kernels and host experts, see `offload.placement`).
     """
-    from convert.artifact import Artifact
+    from artifact.reader import Artifact
     from runtime.exported import ExportedGraphs
 
     configure()

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import mindspore as ms
 
-from convert.spec import ModelSpec
+from model.spec import ModelSpec
 from graphs.deltanet import CHUNK
 from graphs.layer import ATTENTION_WEIGHTS, DELTANET_WEIGHTS
 from offload.dispatch import ExpertDispatcher

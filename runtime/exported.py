@@ -10,9 +10,9 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import nn
 
-from convert.artifact import Artifact
+from artifact.reader import Artifact
 from kernels.build import VARIABLE, compiled
-from convert.manifest import ArtifactError, GraphRecord, TierRecord
+from artifact.manifest import ArtifactError, GraphRecord, TierRecord
 from offload.tiers import Tier
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "int8": ms.int8, "int32": ms.int32}

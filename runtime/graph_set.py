@@ -10,7 +10,7 @@ import functools
 from dataclasses import replace
 from typing import Callable, Protocol
 
-from convert.spec import ModelSpec
+from model.spec import ModelSpec
 from graphs.embed_head import Embedding, Head
 from graphs.layer import AttentionLayer, DeltaNetLayer
 from graphs.moe import ExpertGroup

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from convert.spec import CheckpointError
+from model.spec import CheckpointError
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:

@@ -16,11 +16,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from convert.checkpoint import Checkpoint
-from runtime import settings
-from runtime.demo import CHAT_TEMPLATE, demo_spec, ensure_demo
-from runtime.plan import GIB, DeviceProfile, Placement, dense_params, plan_memory
-from runtime.prompting import PromptSource, TextStream, apply_chat_template, prompt_source, shown
+from model.checkpoint import Checkpoint
+from app import settings
+from app.demo import CHAT_TEMPLATE, demo_spec, ensure_demo
+from app.plan import GIB, DeviceProfile, Placement, dense_params, plan_memory
+from app.prompting import PromptSource, TextStream, apply_chat_template, prompt_source, shown
 from runtime.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,12 +77,12 @@ def test_demo_is_deterministic_cached_and_a_valid_hf_checkpoint(demo, tmp_path):
 
 
 def test_interrupted_demo_build_leaves_nothing(tmp_path, monkeypatch):
-    import runtime.demo
+    import app.demo
 
     def fail(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runtime.demo, "_write_tokenizer_files", fail)
+    monkeypatch.setattr(app.demo, "_write_tokenizer_files", fail)
     with pytest.raises(KeyboardInterrupt):
         ensure_demo(settings.plain(DEMO.config), DEMO.seed, tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -244,7 +244,7 @@ def test_multirun_sweep_and_its_summary(demo, tmp_path):
         assert streamed[0] > streamed[1] > 0
     assert proc.stdout.count("job tiers=") == 4  # one line per job, nothing interleaved
 
-    summary = ferry([str(sweep)], REPO, cache, module="runtime.sweep_summary")
+    summary = ferry([str(sweep)], REPO, cache, module="app.sweep_summary")
     assert_clean(summary)
     rows = (sweep / "summary.csv").read_text().splitlines()
     assert rows[0].startswith("job,tiers,placement.expert_budget_gb,decode tok/s")
@@ -401,7 +401,7 @@ def test_missing_or_wrong_weights_say_what_to_do(demo, tmp_path):
 # ---- sweep summary on recorded metrics -------------------------------------------------------------
 
 def test_summary_reads_streamed_bytes_and_plots_against_the_budget(tmp_path):
-    from runtime.sweep_summary import summarise
+    from app.sweep_summary import summarise
 
     for job, (budget, streamed) in enumerate([(2, 9 * 2**20), (4, 5 * 2**20), (8, 2**20)]):
         record = {"overrides": [f"placement.expert_budget_gb={budget}", "tiers=default"],

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from checkpoints import TinyShape, write_checkpoint
-from convert.artifact import Artifact, ChecksumError, ExpertChecksumError, MissingFileError, ModelMismatchError
+from artifact.reader import Artifact, ChecksumError, ExpertChecksumError, MissingFileError, ModelMismatchError
 from convert.cli import main as cli
-from convert.manifest import ArtifactError, ManifestError, ManifestVersionError, TierRecord, UnsafePathError
+from artifact.manifest import ArtifactError, ManifestError, ManifestVersionError, TierRecord, UnsafePathError
 from convert.pipeline import ArtifactExistsError, ConvertOptions, convert
 from offload.store_weights import StoreExperts
 from runtime.build import engine_from_artifact

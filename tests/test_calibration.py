@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from offload.calibrate import compare_tiers, format_comparison, group_options, LaunchCost
-from offload.routing import (
+from app.calibrate import compare_tiers, format_comparison, group_options, LaunchCost
+from app.routing import (
     RoutingRecorder,
     coactivation,
     encode_prompts,
@@ -189,8 +189,8 @@ def test_notebook_writes_a_tiers_option_run_py_accepts(tmp_path, monkeypatch):
 
     from hydra import compose, initialize_config_dir
 
-    from runtime.demo import demo_spec
-    from runtime.settings import plain, tier_set
+    from app.demo import demo_spec
+    from app.settings import plain, tier_set
 
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import TinyShape, build_model, write_checkpoint
-from convert import names
-from convert.checkpoint import (
+from model import names
+from model.checkpoint import (
     Checkpoint,
     MissingShardError,
     MissingTensorError,
@@ -23,12 +23,12 @@ from convert.checkpoint import (
     ShapeMismatchError,
     UnmappedTensorError,
 )
-from convert.safetensors_file import MalformedFileError, TruncatedFileError, UnsupportedDtypeError
-from convert.spec import CheckpointError
+from model.safetensors_file import MalformedFileError, TruncatedFileError, UnsupportedDtypeError
+from model.spec import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 TEXT = "model.language_model."
-# Written out independently of convert.names: canonical name -> HF name inside a layer.
+# Written out independently of model.names: canonical name -> HF name inside a layer.
 HF_LAYER_NAMES = {
     "input_norm": "input_layernorm.weight",
     "post_attn_norm": "post_attention_layernorm.weight",

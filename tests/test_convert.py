@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from checkpoints import TinyShape, load_oracle, write_checkpoint
-from convert.artifact import Artifact
+from artifact.reader import Artifact
 from convert.cli import main as cli
-from convert.manifest import Manifest, TierRecord
+from artifact.manifest import Manifest, TierRecord
 from convert.pipeline import ConvertOptions, convert
-from convert.store import _ReportTotals, decode_block, encode_expert
+from artifact.store import _ReportTotals, decode_block, encode_expert
 from runtime.build import engine_from_artifact, engine_from_checkpoint
 from runtime.engine import Buckets
 from runtime.exported import ExportedGraphs
@@ -341,7 +341,7 @@ def test_cli_usage_errors(base, tmp_path, capsys):
 def test_store_serves_the_offload_controller(base):
     """The artifact's store is what the offload controller streams from: a block read into a slot
     (`read_into`) is the mapped block byte for byte, and its arrays are the checkpoint's (FP32)."""
-    from convert.checkpoint import Checkpoint
+    from model.checkpoint import Checkpoint
     from offload.offloaded import slot_buffers
 
     store = Artifact.open(base[4]).experts
@@ -357,7 +357,7 @@ def test_store_serves_the_offload_controller(base):
 
 def test_global_tensors_are_read_in_row_chunks(base, monkeypatch):
     from convert import source
-    from convert.checkpoint import Checkpoint
+    from model.checkpoint import Checkpoint
 
     checkpoint = Checkpoint(base[0])
     monkeypatch.setattr(source, "ROW_CHUNK_BYTES", 4 * 64 * 7)  # 7 rows of the 64-wide table

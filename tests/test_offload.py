@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from checkpoints import TinyShape, load_oracle, write_checkpoint
-from convert.artifact import Artifact, ExpertChecksumError
-from convert.manifest import BlockPart, TierRecord
+from artifact.reader import Artifact, ExpertChecksumError
+from artifact.manifest import BlockPart, TierRecord
 from convert.pipeline import ConvertOptions, convert
 from offload.offloaded import OffloadedExperts
 from offload.placement import host_expert, placement_from_config
@@ -303,7 +303,7 @@ def test_pool_smaller_than_a_launch_is_refused(artifact):
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
 def test_host_expert_matches_numpy_float64(dtype):
-    from convert.store import _ReportTotals, encode_expert
+    from artifact.store import _ReportTotals, encode_expert
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 16)).astype(np.float32)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import Qwen3_5MoeForCausalLM
 
-from convert.checkpoint import Checkpoint
-from convert.spec import load_spec
-from convert.synthetic import to_bf16_bits, write_random_checkpoint
+from model.checkpoint import Checkpoint
+from model.spec import load_spec
+from model.synthetic import to_bf16_bits, write_random_checkpoint
 from runtime.build import engine_from_checkpoint
 from runtime.engine import Buckets
 
@@ -20,7 +20,7 @@ def test_bf16_rounding_is_round_to_nearest_even():
 @pytest.mark.parametrize("dtype", ["F32", "BF16"])
 def test_written_checkpoint_matches_transformers(tmp_path, dtype):
     from checkpoints import TinyShape, hf_config
-    from convert.spec import spec_from_config
+    from model.spec import spec_from_config
 
     spec = spec_from_config(hf_config(TinyShape(interval=4)).to_dict(), tmp_path)
     model_dir = write_random_checkpoint(spec, tmp_path / "ckpt", dtype=dtype, seed=3)
@@ -38,7 +38,7 @@ def test_written_checkpoint_matches_transformers(tmp_path, dtype):
 
 def test_existing_target_is_refused_and_nothing_is_left_on_failure(tmp_path):
     from checkpoints import TinyShape, hf_config
-    from convert.spec import spec_from_config
+    from model.spec import spec_from_config
 
     spec = spec_from_config(hf_config(TinyShape()).to_dict(), tmp_path)
     (tmp_path / "taken").mkdir()
@@ -51,8 +51,8 @@ def test_existing_target_is_refused_and_nothing_is_left_on_failure(tmp_path):
 
 def test_interrupted_write_leaves_no_checkpoint(tmp_path, monkeypatch):
     from checkpoints import TinyShape, hf_config
-    from convert import synthetic
-    from convert.spec import spec_from_config
+    from model import synthetic
+    from model.spec import spec_from_config
 
     spec = spec_from_config(hf_config(TinyShape()).to_dict(), tmp_path)
     real_write = synthetic.write_safetensors

@@ -10,7 +10,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offload.calibrate import (
+from app.calibrate import (
     ASCEND_310P3_COST,
     LaunchCost,
     assign_groups,

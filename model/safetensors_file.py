@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.spec import CheckpointError
+from model.spec import CheckpointError
 
 # Element sizes of every dtype the format defines, so offsets of any tensor can be checked.
 ITEM_SIZES = {

@@ -24,9 +24,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from convert.names import global_names, layer_names
-from convert.spec import ModelSpec
-from convert.store import block_layout, block_stride
+from model.names import global_names, layer_names
+from model.spec import ModelSpec
+from artifact.store import block_layout, block_stride
 from offload.residence import ALL, AUTO, Residence, decide
 from offload.tiers import TierSet
 

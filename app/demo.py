@@ -2,7 +2,7 @@
 
 `python run.py` with no model chosen runs it. Its weights are random (seeded), so it writes
 gibberish; what it shows is the whole path a real checkpoint takes: `config.json`, safetensors
-shards under the names of `convert.names` (BF16, like the real one), `tokenizer.json` (a byte-level
+shards under the names of `model.names` (BF16, like the real one), `tokenizer.json` (a byte-level
 BPE trained here on `demo_corpus.txt`), `tokenizer_config.json` with a minimal ChatML template and
 `generation_config.json` with the EOS ids, all read by the same code as Qwen3.6-35B-A3B.
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
-from convert.spec import ModelSpec, spec_from_config
-from convert.synthetic import write_random_checkpoint
+from model.spec import ModelSpec, spec_from_config
+from model.synthetic import write_random_checkpoint
 
 FORMAT = 2  # bump when the files written here change, so caches of the old format are not reused
 CORPUS = Path(__file__).with_name("demo_corpus.txt")

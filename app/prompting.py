@@ -6,7 +6,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.settings import ConfigError
+from app.settings import ConfigError
 
 
 @dataclass(frozen=True)

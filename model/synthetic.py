@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.names import fused_expert_names, global_names, layer_names
-from convert.spec import ModelSpec
+from model.names import fused_expert_names, global_names, layer_names
+from model.spec import ModelSpec
 
 PREFIX = "model."
 

@@ -29,7 +29,7 @@ def resolve_model_dir(model: str | Path) -> Path:
     if str(model) == "demo":
         from omegaconf import OmegaConf
 
-        from runtime.demo import ensure_demo
+        from app.demo import ensure_demo
 
         cfg = OmegaConf.to_container(OmegaConf.load(DEMO_CONFIG), resolve=True)
         return ensure_demo(cfg["config"], cfg["seed"], cfg["cache_dir"]).path
@@ -160,7 +160,7 @@ def encode_prompts(texts: Sequence[str], model_dir: str | Path, vocab_size: int,
 
 
 def load_samples(trace: RoutingTrace, decode: bool | None = None) -> list[np.ndarray]:
-    """One per-expert load array per (step, layer): what `offload.calibrate.choose_tiers` takes.
+    """One per-expert load array per (step, layer): what `app.calibrate.choose_tiers` takes.
     `decode` True or False keeps only decode or only prefill steps (needs the trace's flags)."""
     steps = np.arange(trace.num_steps)
     if decode is not None:

@@ -10,7 +10,7 @@ expert) are FP16, the card's matmul type, and the small vectors the graphs use e
 (norms, conv, A_log, dt_bias) stay FP32. FP16 values beyond +-65504 are clamped.
 
 Names: `embed` [V, H], `final_norm` [H], `lm_head` [V, H] (absent when tied), and
-`layers.{i}.{name}` for each canonical name of `convert.names.layer_names` in its Ferry shape.
+`layers.{i}.{name}` for each canonical name of `model.names.layer_names` in its Ferry shape.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from typing import Iterable
 
 import numpy as np
 
-from convert import names
-from convert.manifest import DenseRecord, DenseTensor, FileRecord
-from convert.spec import ModelSpec
+from model import names
+from artifact.manifest import DenseRecord, DenseTensor, FileRecord
+from model.spec import ModelSpec
 
 DATA_ALIGNMENT = 64
 MATRICES = frozenset({"embed", "lm_head", "q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z",

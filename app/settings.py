@@ -11,11 +11,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from convert.manifest import EXPERT_DTYPES
-from convert.spec import CheckpointError, ModelSpec, load_spec, spec_from_config
+from artifact.manifest import EXPERT_DTYPES
+from model.spec import CheckpointError, ModelSpec, load_spec, spec_from_config
 from offload.policies import POLICIES
 from offload.tiers import TierSet, from_config
-from runtime.plan import ALL, AUTO, DTYPE_BYTES, GIB, DeviceProfile, Placement
+from app.plan import ALL, AUTO, DTYPE_BYTES, GIB, DeviceProfile, Placement
 from runtime.sampling import Sampling
 
 

@@ -1,4 +1,4 @@
-"""A sweep as a table, a CSV and a plot:  python -m runtime.sweep_summary SWEEP_DIR [--out DIR]
+"""A sweep as a table, a CSV and a plot:  python -m app.sweep_summary SWEEP_DIR [--out DIR]
 
 SWEEP_DIR is a Hydra multirun directory (`multirun/DATE/TIME`, or `hydra.sweep.dir`): one numbered
 subdirectory per job, each with the `metrics.json` that `run.py` writes. The sweep's axes are the
@@ -183,7 +183,7 @@ def summarise(sweep_dir: Path, out_dir: Path | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime.sweep_summary", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m app.sweep_summary", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a run.py --multirun output directory")
     parser.add_argument("--out", type=Path, default=None, help="where to write the summary files (default: sweep_dir)")
     args = parser.parse_args(argv)

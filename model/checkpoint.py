@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from convert import names
-from convert.names import WeightName
-from convert.safetensors_file import SafetensorsFile
-from convert.spec import CheckpointError, ModelSpec, load_spec
+from model import names
+from model.names import WeightName
+from model.safetensors_file import SafetensorsFile
+from model.spec import CheckpointError, ModelSpec, load_spec
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,7 +39,7 @@ class ShapeMismatchError(CheckpointError):
 
 
 class UnmappedTensorError(CheckpointError):
-    """A checkpoint tensor is neither mapped by `convert.names` nor ignored on purpose."""
+    """A checkpoint tensor is neither mapped by `model.names` nor ignored on purpose."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,7 @@ class Checkpoint:
         }
 
     def layer_weights(self, layer: int) -> dict[str, np.ndarray]:
-        """Dense weights of one layer under their canonical names (see `convert.names.layer_names`)."""
+        """Dense weights of one layer under their canonical names (see `model.names.layer_names`)."""
         self._check_layer(layer)
         return {key: located.read() for key, located in self._layers[layer].items()}
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.dense import SAFETENSORS_DTYPES, layer_tensor
-from convert.manifest import (
+from artifact.dense import SAFETENSORS_DTYPES, layer_tensor
+from artifact.manifest import (
     MANIFEST_NAME,
     ArtifactError,
     ExpertStoreRecord,
@@ -28,8 +28,8 @@ from convert.manifest import (
     Manifest,
     resolve_inside,
 )
-from convert.safetensors_file import read_header
-from convert.spec import CheckpointError, ModelSpec
+from model.safetensors_file import read_header
+from model.spec import CheckpointError, ModelSpec
 
 VERIFY_MODES = ("full", "lazy", "none")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.manifest import BlockPart, ExpertBlock, ExpertStoreRecord, StorageReport
-from convert.spec import CheckpointError, ModelSpec
+from artifact.manifest import BlockPart, ExpertBlock, ExpertStoreRecord, StorageReport
+from model.spec import CheckpointError, ModelSpec
 
 ALIGNMENT = 4096  # block stride unit: a page
 PART_ALIGNMENT = 64  # offset of each array inside a block: a cache line

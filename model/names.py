@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from convert.spec import ModelSpec
+from model.spec import ModelSpec
 
 TEXT_PREFIXES = ("model.language_model.", "model.")
 # Vision tower and multi-token-prediction head: present in real checkpoints, unused by Ferry.

@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from convert.spec import CheckpointError, ModelSpec
+from model.spec import CheckpointError, ModelSpec
 
 FORMAT = "ferry-artifact"
 VERSION = 3  # 2: expert-group graphs take the real rows of each slot after x; 3: target, kernels, dense dtypes
@@ -223,8 +223,8 @@ class Manifest:
     # -- sense checks ---------------------------------------------------------------------------
     def validate(self, source: str = MANIFEST_NAME) -> None:
         """Everything the types cannot say; the first problem found is raised, naming its field."""
-        from convert.dense import dense_plan  # the layouts are defined beside their writers
-        from convert.store import block_layout
+        from artifact.dense import dense_plan  # the layouts are defined beside their writers
+        from artifact.store import block_layout
 
         def fail(message: str):
             raise ManifestError(f"{source}: {message}")
