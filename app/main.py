@@ -14,6 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from app import settings
+from app.demo import DEMO_DIR
 from app.plan import DeviceProfile, MemoryPlan, Placement, plan_memory, size
 from app.prompting import PromptSource, TextStream, apply_chat_template, prompt_source, shown
 from app.settings import ConfigError
@@ -22,8 +23,6 @@ from model.spec import CheckpointError, ModelSpec
 from offload.tiers import TierSet
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-DEMO_NOTE = ("The demo model's weights are random, so its text is gibberish: it shows the pipeline "
-             "(HF checkpoint, compiled graphs, routed experts, streaming), not a language model.")
 
 
 class CannotRun(RuntimeError):
@@ -43,7 +42,9 @@ def build_engine(artifact: Path, spec: ModelSpec, plan: MemoryPlan):
 
     try:
         engine = build.engine_from_artifact(artifact, plan.residence, expect=spec)
-    except ValueError as err:
+    except CheckpointError:  # a damaged or foreign artifact: its own message names the file
+        raise
+    except ValueError as err:  # the pool the plan sized cannot hold a launch of the artifact's tiers
         raise CannotRun(f"expert slots: {err}") from None
     return engine, "streamed" if plan.residence.streams else "resident"
 
@@ -94,6 +95,9 @@ def chosen_model(cfg: DictConfig) -> DictConfig:
 
 
 def hf_path(model: DictConfig) -> Path:
+    """The checkpoint directory: the one shipped in the repository for the demo, model.path otherwise."""
+    if model.kind == "demo":
+        return DEMO_DIR
     return Path(str(model.path)).expanduser()
 
 
@@ -103,6 +107,9 @@ def has_weights(path: Path) -> bool:
 
 
 def missing_weights(model: DictConfig, path: Path) -> CannotRun:
+    if model.kind == "demo":
+        return CannotRun(f"the demo checkpoint is not at {path}: it ships with the repository (config.json, "
+                         f"model.safetensors, tokenizer.json); restore it with git checkout -- models/ferry-demo")
     repo = model.get("hf_repo")
     if repo is None:
         return CannotRun(f"no HF checkpoint at model.path={path}: it needs config.json and model.safetensors "
@@ -129,6 +136,15 @@ def user_artifact(model: DictConfig) -> Path | None:
     return None
 
 
+def tokenizer_dir(model_dir: Path | None, artifact: Path | None) -> Path | None:
+    """Where the tokenizer files are: the HF checkpoint, or the artifact's checksummed copy of them."""
+    if model_dir is not None:
+        return model_dir
+    from artifact.reader import Artifact
+
+    return Artifact.open(artifact, verify="none").tokenizer_dir()
+
+
 def artifact_manifest(path: Path):
     from artifact.manifest import Manifest
 
@@ -142,10 +158,6 @@ def artifact_manifest(path: Path):
 def model_source(model: DictConfig, mode: str) -> tuple[Path | None, Path | None, ModelSpec]:
     """(HF checkpoint directory, artifact directory, spec); either directory may be None (a plan
     needs neither when the model config gives the architecture)."""
-    if model.kind == "demo":
-        from app.demo import demo_spec
-
-        return None, None, demo_spec(settings.plain(model.config))
     artifact = user_artifact(model)
     path = hf_path(model)
     hf_dir = path if has_weights(path) else None
@@ -235,7 +247,11 @@ class Run:
 
 def validated(cfg: DictConfig) -> Run:
     if cfg.mode not in ("run", "plan"):
-        raise ConfigError(f"mode must be run or plan, got {cfg.mode!r}")
+        raise ConfigError(f"mode must be run or plan, got {settings.plain(cfg.mode)!r}")
+    settings.switches(cfg, ("chat", "warmup", "stream"))
+    settings.optional_path(cfg.output_json, "output_json")
+    if not isinstance(settings.plain(cfg.chat_template_kwargs), dict):
+        raise ConfigError(f"chat_template_kwargs must be a mapping, got {settings.plain(cfg.chat_template_kwargs)!r}")
     model = chosen_model(cfg)
     device = settings.device_profile(cfg.device)
     placement = settings.placement(cfg.placement)
@@ -246,6 +262,11 @@ def validated(cfg: DictConfig) -> Run:
     if not cfg.get("tiers"):
         raise ConfigError("tiers is empty: choose tiers=default|fine|coarse or write conf/tiers/NAME.yaml")
     tiers = settings.tier_set(cfg.tiers, spec)
+    for i, tier in enumerate(tiers):
+        if tier.capacity > buckets[-1]:
+            raise ConfigError(f"tiers[{i}] has capacity {tier.capacity}, more than the largest launch "
+                              f"(prefill_buckets: {buckets[-1]} tokens): an expert never receives more tokens than a "
+                              f"launch holds; choose at most {buckets[-1]}")
     expert_dtype = device.expert_dtype
     if artifact is not None:  # its graphs were exported for its own tiers, buckets, context and storage
         manifest = artifact_manifest(artifact)
@@ -299,16 +320,7 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
     options = convert_options(r) if r.artifact is None else None
 
     model_dir, artifact = r.model_dir, r.artifact
-    if r.model.kind == "demo":
-        from app.demo import ensure_demo
-
-        say(DEMO_NOTE)
-        demo = ensure_demo(settings.plain(r.model.config), int(r.model.seed), r.model.cache_dir)
-        model_dir = demo.path
-        say("model     demo, " + (f"built now in {demo.seconds:.1f} s: " if demo.built_now else "cached: ")
-            + str(model_dir))
-    else:
-        say(f"model     {r.model.name}: {model_dir or artifact}")
+    say(f"model     {r.model.name}: {model_dir or artifact}")
     kinds = r.spec.layer_types
     say(f"          {r.spec.num_layers} layers ({kinds.count('linear_attention')} DeltaNet + "
         f"{kinds.count('full_attention')} attention), {r.spec.num_experts} experts top-{r.spec.num_experts_per_tok}, "
@@ -318,15 +330,18 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
 
     from runtime.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(model_dir) if model_dir and (model_dir / "tokenizer.json").is_file() else None
-    ids = prompt_ids(source, tokenizer, model_dir or artifact, cfg, r.spec)
+    words = tokenizer_dir(model_dir, artifact)
+    tokenizer = load_tokenizer(words) if words is not None and (words / "tokenizer.json").is_file() else None
+    ids = prompt_ids(source, tokenizer, words or artifact, cfg, r.spec)
     if len(ids) > r.max_context:
         raise ConfigError(f"the prompt is {len(ids)} tokens, longer than max_context={r.max_context}; "
                           "shorten it or raise max_context (the memory plan grows with it)")
+    notes = []  # what the run changed of what was asked: printed, and kept in the record (multirun prints no more)
     if len(ids) + max_new - 1 > r.max_context:
         max_new = r.max_context - len(ids) + 1
-        say(f"note      max_new_tokens lowered to {max_new}: the prompt ({len(ids)} tokens) and the reply "
-            f"must fit max_context={r.max_context}")
+        notes.append(f"max_new_tokens lowered to {max_new}: the prompt ({len(ids)} tokens) and the reply "
+                     f"must fit max_context={r.max_context}")
+        say(f"note      {notes[-1]}")
     text = tokenizer.decode(ids, skip_special_tokens=False) if tokenizer else None
     say(f"prompt    {len(ids)} tokens from {source.origin}" + (f": {shown(text)!r}" if text is not None else ""))
 
@@ -405,7 +420,7 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
             "expert_dtype": r.expert_dtype,
             "sampling": asdict(sampling), "chat": bool(cfg.chat), "warmup": bool(cfg.warmup),
         },
-        "prompt_origin": source.origin, "prompt_ids": ids, "generated_ids": result.token_ids, "text": out_text,
+        "notes": notes, "prompt_origin": source.origin, "prompt_ids": ids, "generated_ids": result.token_ids, "text": out_text,
         "stopped_on_eos": result.stopped_on_eos, "timings": timings, "counters": counters(engine, streamed),
         "plan": plan.to_dict(), "memory": {"planned_bytes": plan.total, "peak_rss_bytes": peak},
     }, table
@@ -439,11 +454,11 @@ def report(record: dict, offload_table: str | None, cfg: DictConfig, quiet: bool
     for path in written:
         write_json(path, record)
         say(f"record    {path}")
-    if record["model"]["demo"]:
-        say("(random weights: gibberish is the expected output)")
     if multirun:  # one line per job: parallel jobs would interleave anything longer
+        notes = "".join(f"; note: {note}" for note in record["notes"])
         print(f"job {' '.join(overrides) or '(no overrides)'}: decode {t['decode_tokens_per_s']:.1f} tokens/s, "
-              f"first token {t['ttft_s'] * 1e3:.0f} ms, {t['generated_tokens']} tokens -> {written[0]}", flush=True)
+              f"first token {t['ttft_s'] * 1e3:.0f} ms, {t['generated_tokens']} tokens -> {written[0]}{notes}",
+              flush=True)
 
 
 def run(cfg: DictConfig) -> int:
@@ -468,6 +483,9 @@ def main(cfg: DictConfig) -> None:
     except (CannotRun, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # the engine closed on the way out (its prefetch thread stopped)
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     if status:
         raise SystemExit(status)
 

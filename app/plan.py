@@ -274,11 +274,16 @@ def plan_memory(spec: ModelSpec, device: DeviceProfile, placement: Placement, ma
     smallest_pool = min_slots * expert_bytes
     if largest_fit < min_slots:  # nothing to choose: the rest leaves no room for one launch's experts
         biggest = max(fixed, key=lambda item: item.bytes)
+        remedy = {"KV cache": f"lower max_context (KV cache {size(kv_bytes)})",
+                  "workspace": "lower the largest prefill bucket or tier capacity (the workspace is 2 x the largest "
+                               f"launch: {work_name})",
+                  "runtime reserve": "lower device.reserved_gb if the runtime needs less"}.get(biggest.name,
+                                                                                              "use a smaller model")
         plan.problems.append(
             f"{device.name} has {size(device.memory_bytes)}; everything but the experts takes {size(fixed_bytes)} "
             f"(largest: {biggest.name} {size(biggest.bytes)}), leaving {size(max(room, 0))} for expert slots, less "
-            f"than the {min_slots} slots ({size(smallest_pool)}) the widest tier launches at once; lower "
-            f"max_context (KV cache {size(kv_bytes)}) or use a larger device")
+            f"than the {min_slots} slots ({size(smallest_pool)}) the widest tier launches at once; {remedy}, "
+            f"or use a larger device")
     elif slots < min_slots:
         plan.problems.append(
             f"placement.expert_budget_gb={placement.budget_label} holds {slots} expert slot(s) of {size(expert_bytes)}; "

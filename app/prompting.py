@@ -6,6 +6,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import ListConfig
+
 from app.settings import ConfigError
 
 
@@ -24,7 +26,7 @@ def prompt_source(prompt, prompt_file, prompt_ids, default: str | None) -> Promp
     if len(given) > 1:
         raise ConfigError(f"give one of prompt, prompt_file, prompt_ids, not {' and '.join(given)}")
     if "prompt_ids" in given:
-        ids = list(prompt_ids) if not isinstance(prompt_ids, (str, int)) else None
+        ids = list(prompt_ids) if isinstance(prompt_ids, (list, tuple, ListConfig)) else None
         if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
             raise ConfigError(f"prompt_ids must be a non-empty list of token ids, e.g. prompt_ids=[1,2,3]; got {prompt_ids!r}")
         return PromptSource("prompt_ids", ids=tuple(ids))

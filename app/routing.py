@@ -17,23 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from app.demo import DEMO_DIR
 from offload.trace import RoutingTrace
 
 PROMPTS = Path(__file__).with_name("calibration_prompts.txt")
-DEMO_CONFIG = Path(__file__).parents[1] / "conf" / "model" / "demo.yaml"
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """A checkpoint directory: "demo" builds (once, cached) the demo model of
-    `conf/model/demo.yaml`; anything else is a path holding a `config.json`."""
-    if str(model) == "demo":
-        from omegaconf import OmegaConf
-
-        from app.demo import ensure_demo
-
-        cfg = OmegaConf.to_container(OmegaConf.load(DEMO_CONFIG), resolve=True)
-        return ensure_demo(cfg["config"], cfg["seed"], cfg["cache_dir"]).path
-    path = Path(model).expanduser()
+    """A checkpoint directory: "demo" is the trained demo shipped in models/ferry-demo; anything else
+    is a path holding a `config.json`."""
+    path = DEMO_DIR if str(model) == "demo" else Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json); pass 'demo' or a model dir")
     return path

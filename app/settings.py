@@ -5,6 +5,7 @@ a bad override stops the run before anything is loaded, with one line per proble
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,8 +32,8 @@ def plain(node):
 
 
 def _number(value, key: str, allow_zero: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
     return float(value)
@@ -45,7 +46,7 @@ def _host_memory_bytes() -> int:
 def device_profile(cfg: Mapping) -> DeviceProfile:
     cfg = plain(cfg)
     dtype = cfg.get("compute_dtype")
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise ConfigError(f"device.compute_dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r} "
                           "(BF16 is a storage format here: MindSpore's CPU kernels and the 310P3 do not compute in it)")
     memory = cfg.get("memory_gb")
@@ -78,7 +79,7 @@ def placement(cfg: Mapping) -> Placement:
             raise ConfigError(f"placement.expert_budget_gb must be a size in GiB, '{AUTO}' or '{ALL}', got {budget!r}")
         budget = _number(budget, "placement.expert_budget_gb")
     policy = cfg.get("policy")
-    if policy not in POLICIES:
+    if not isinstance(policy, str) or policy not in POLICIES:
         raise ConfigError(f"placement.policy must be one of {sorted(POLICIES)}, got {policy!r}")
     prefetch = cfg.get("prefetch")
     if not isinstance(prefetch, bool):
@@ -99,17 +100,24 @@ def tier_set(entries, spec: ModelSpec) -> TierSet:
     if not isinstance(entries, list):
         raise ConfigError(f"tiers must be a list of {{capacity, group}} entries, got {entries!r}")
     try:
-        return from_config(entries, default_group=spec.num_experts_per_tok)
+        tiers = from_config(entries, default_group=spec.num_experts_per_tok)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"tiers: {err}") from None
+    for i, tier in enumerate(tiers):
+        if tier.group > spec.num_experts:
+            raise ConfigError(f"tiers[{i}] has group {tier.group}, more than the model's {spec.num_experts} experts "
+                              f"per layer: a launch never holds more experts than a layer has; choose at most "
+                              f"{spec.num_experts}")
+    return tiers
 
 
 def prefill_buckets(values) -> tuple[int, ...]:
     """Checked by `runtime.engine.Buckets` when the engine is built; here only its shape."""
     values = plain(values)
     if (not isinstance(values, list) or not values
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)):
-        raise ConfigError(f"prefill_buckets must be a non-empty list of positive token counts, got {values!r}")
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 1 for v in values)):
+        raise ConfigError(f"prefill_buckets must be a non-empty list of token counts above 1 (a decode step, "
+                          f"1 token, is always there), got {values!r}")
     if values != sorted(set(values)):
         raise ConfigError(f"prefill_buckets must be sorted and distinct, got {values}")
     return tuple(values)
@@ -124,6 +132,19 @@ def sampling(cfg: Mapping) -> Sampling:
         return Sampling(**cfg)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"sampling: {err}") from None
+
+
+def switches(cfg: Mapping, keys: tuple[str, ...]) -> None:
+    """Top-level on/off settings must be true or false (YAML's `{}` or `0` would read as off)."""
+    for key in keys:
+        if not isinstance(cfg.get(key), bool):
+            raise ConfigError(f"{key} must be true or false, got {plain(cfg.get(key))!r}")
+
+
+def optional_path(value, key: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a file path or null, got {plain(value)!r}")
+    return value
 
 
 def positive_int(value, key: str) -> int:

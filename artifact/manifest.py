@@ -11,6 +11,7 @@ Legend: L layers, E experts per layer, G slots and C capacity of a tier, T launc
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import types
 import typing
@@ -20,7 +21,12 @@ from pathlib import Path, PurePosixPath
 from model.spec import CheckpointError, ModelSpec
 
 FORMAT = "ferry-artifact"
-VERSION = 3  # 2: expert-group graphs take the real rows of each slot after x; 3: target, kernels, dense dtypes
+DIGEST_KEY = "manifest_sha256"
+VERSION = 4  # 2: expert-group graphs take the real rows of each slot after x; 3: target, kernels, dense dtypes;
+# 4: the manifest carries its own digest, and the tokenizer files
+TOKENIZER_DIR = "tokenizer"
+# Copied from the checkpoint when present: an artifact alone can then take a text prompt and a chat.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 MANIFEST_NAME = "manifest.json"
 EXPERT_DTYPES = ("fp32", "fp16", "int8")
 # What the graphs are for: `cpu` computes in FP32 (MindSpore's CPU kernels, Ferry's CPU expert kernel);
@@ -180,6 +186,7 @@ class Manifest:
     experts: ExpertStoreRecord
     target: str  # one of TARGETS: the device the graphs were exported for
     kernels: str | None  # the environment variable naming Ferry's CPU kernel library the graphs call; None: none
+    tokenizer: tuple[FileRecord, ...]  # the checkpoint's tokenizer files, under TOKENIZER_DIR; may be empty
     format: str = FORMAT
     version: int = VERSION
     created_by: str = field(default="ferry")
@@ -199,7 +206,8 @@ class Manifest:
 
     # -- JSON -----------------------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
+        body = dataclasses.asdict(self)
+        return json.dumps({**body, DIGEST_KEY: manifest_digest(body)}, indent=1)
 
     @classmethod
     def from_json(cls, text: str, source: str = MANIFEST_NAME) -> "Manifest":
@@ -216,6 +224,11 @@ class Manifest:
                 f"{source}: manifest version {data.get('version')!r}, this Ferry reads version {VERSION}; "
                 f"re-run `python -m convert` to rebuild the artifact"
             )
+        recorded = data.pop(DIGEST_KEY, None)
+        if recorded != manifest_digest(data):
+            raise ManifestError(f"{source}: its contents do not match the {DIGEST_KEY} recorded by the convert "
+                                f"({'missing' if recorded is None else 'edited or damaged since'}); nothing in it can "
+                                f"be trusted: re-run `python -m convert` to rebuild the artifact")
         manifest = _decode(cls, data, source, "")
         manifest.validate(source)
         return manifest
@@ -310,7 +323,14 @@ class Manifest:
     def paths(self) -> list[tuple[str, str]]:
         """(field, relative path) of every file the manifest names."""
         return ([(f"graphs[{i}].file.path", g.file.path) for i, g in enumerate(self.graphs)]
-                + [("dense.file.path", self.dense.file.path), ("experts.path", self.experts.path)])
+                + [("dense.file.path", self.dense.file.path), ("experts.path", self.experts.path)]
+                + [(f"tokenizer[{i}].path", f.path) for i, f in enumerate(self.tokenizer)])
+
+
+def manifest_digest(body: dict) -> str:
+    """SHA-256 of the manifest's fields in a canonical JSON form: covers the model's numbers (rope theta,
+    EOS ids, ...) that no file checksum does."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def check_relative(path: str, where: str) -> None:

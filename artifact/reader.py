@@ -22,6 +22,7 @@ import numpy as np
 from artifact.dense import SAFETENSORS_DTYPES, layer_tensor
 from artifact.manifest import (
     MANIFEST_NAME,
+    TOKENIZER_DIR,
     ArtifactError,
     ExpertStoreRecord,
     FileRecord,
@@ -177,6 +178,7 @@ class Artifact:
                     f"{root}: converted from another model ('{manifest.source.name}'): " + "; ".join(diffs))
         files = [(f"graphs[{i}].file", g.file) for i, g in enumerate(manifest.graphs)]
         files.append(("dense.file", manifest.dense.file))
+        files += [(f"tokenizer[{i}]", f) for i, f in enumerate(manifest.tokenizer)]
         for where, record in files:
             _check_size(root, record.path, record.size, where)
         _check_size(root, manifest.experts.path, manifest.experts.size, "experts")
@@ -192,10 +194,17 @@ class Artifact:
 
     # -- verification ---------------------------------------------------------------------------
     def verify_files(self) -> None:
-        """SHA-256 of every graph and of the dense file against the manifest."""
-        records = [g.file for g in self.manifest.graphs] + [self.manifest.dense.file]
+        """SHA-256 of every graph, the dense file and the tokenizer files against the manifest."""
+        records = [g.file for g in self.manifest.graphs] + [self.manifest.dense.file, *self.manifest.tokenizer]
         for record in records:
             self.verify_file(record)
+
+    def tokenizer_dir(self) -> Path | None:
+        """The directory of the checkpoint's tokenizer files, each checked against its SHA-256; None when
+        the checkpoint had none."""
+        for record in self.manifest.tokenizer:
+            self.verify_file(record)
+        return self.path_of(TOKENIZER_DIR) if self.manifest.tokenizer else None
 
     def verify_file(self, record: FileRecord) -> None:
         digest = sha256_of(self.path_of(record.path))

@@ -1,6 +1,7 @@
 """Decode speed at Qwen3.6-35B-A3B's real layer widths, per expert storage dtype, side by side in one run.
 
     python bench/decode.py            # 4 layers (3 DeltaNet + 1 attention), 16 decode tokens, 3 rounds
+    python bench/decode.py --model models/ferry-demo --tokens 64   # the trained demo, from held-out text
 
 The checkpoint (`bench.realwidth`, BF16, random weights) is converted once per storage dtype
 (fp32, fp16, int8) to an artifact, as `run.py` would convert it. For each dtype Ferry decodes with
@@ -30,13 +31,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.realwidth import real_width_artifact, real_width_checkpoint, real_width_spec  # noqa: E402
+from bench.realwidth import bench_artifact, real_width_checkpoint, real_width_spec  # noqa: E402
 
 DTYPES = ("fp32", "fp16", "int8")
 
 
-def prompt_ids(length: int, vocab: int) -> list[int]:
+def prompt_ids(length: int, vocab: int, model_dir: Path | None) -> list[int]:
+    """The first `length` tokens of the model's held-out text when it ships one (a trained model decodes
+    from real text), else random ids."""
+    text = model_dir / "heldout.txt" if model_dir is not None else None
+    if text is not None and text.is_file():
+        from runtime.tokenizer import load_tokenizer
+
+        ids = load_tokenizer(model_dir).encode(text.read_text(encoding="utf-8")).ids[:length]
+        if len(ids) == length:
+            return ids
     return np.random.default_rng(1234).integers(0, vocab, length).tolist()
+
+
+def bench_model(args) -> tuple[Path, object]:
+    """(checkpoint, spec): `--model DIR`, or the real-width random checkpoint of `--layers` layers."""
+    if args.model is None:
+        return real_width_checkpoint(args.layers), real_width_spec(args.layers)
+    from model.checkpoint import Checkpoint
+
+    return args.model, Checkpoint(args.model).spec
 
 
 def timed_decode(engine, prompt: list[int], tokens: int, on_prefill=None) -> tuple[list[int], float]:
@@ -119,6 +138,8 @@ def median_run(runs: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--model", type=Path, help="a checkpoint directory instead of the real-width random one "
+                        "(e.g. models/ferry-demo; its heldout.txt gives the prompt)")
     parser.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
     parser.add_argument("--tokens", type=int, default=16, help="tokens to decode")
     parser.add_argument("--threads", type=int, default=2)
@@ -129,13 +150,13 @@ def main() -> None:
     parser.add_argument("--artifact", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--pool", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    spec = real_width_spec(args.layers)
-    prompt = prompt_ids(args.prompt, spec.vocab_size)
+    checkpoint, spec = bench_model(args)
+    prompt = prompt_ids(args.prompt, spec.vocab_size, args.model)
     if args.worker == "ferry":
         print(json.dumps(ferry_worker(args.artifact, spec, prompt, args.tokens, args.threads, args.pool)))
         return
     if args.worker == "transformers":
-        print(json.dumps(transformers_worker(real_width_checkpoint(args.layers), prompt, args.tokens, args.threads)))
+        print(json.dumps(transformers_worker(checkpoint, prompt, args.tokens, args.threads)))
         return
 
     from bench.measure import decode_bytes_per_token, read_bandwidth, run_worker
@@ -144,9 +165,9 @@ def main() -> None:
 
     configure(threads=args.threads)
     dtypes = args.dtypes.split(",")
-    artifacts = {dtype: real_width_artifact(dtype, args.layers) for dtype in dtypes}
+    artifacts = {dtype: bench_artifact(checkpoint, dtype) for dtype in dtypes}
     block = {dtype: Artifact.open(path, verify="none").manifest.experts.block_bytes for dtype, path in artifacts.items()}
-    common = ["--layers", str(args.layers), "--prompt", str(args.prompt), "--tokens", str(args.tokens),
+    common = ["--layers", str(args.layers), *(["--model", str(args.model)] if args.model else []), "--prompt", str(args.prompt), "--tokens", str(args.tokens),
               "--threads", str(args.threads)]
     contenders = [("transformers", None, None)] + [(dtype, pool, artifacts[dtype]) for dtype in dtypes
                                                    for pool in (None, args.fraction)]
@@ -165,8 +186,9 @@ def main() -> None:
     hf = median_run(runs["transformers", None])
     read_context = args.prompt + args.tokens // 2
 
-    print(f"checkpoint: {real_width_checkpoint(args.layers)} ({args.layers} layers at real width, BF16 stored, "
-          f"FP32 compute); threads {args.threads}, prompt {args.prompt} tokens, {args.tokens} decoded, greedy")
+    shape = (f"{args.layers} layers at real width" if args.model is None else
+             f"{spec.num_layers} layers, hidden {spec.hidden_size}, {spec.num_experts} experts top-{spec.num_experts_per_tok}")
+    print(f"checkpoint: {checkpoint} ({shape}, BF16 stored, FP32 compute); threads {args.threads}, prompt {args.prompt} tokens, {args.tokens} decoded, greedy")
     print(f"medians of {args.rounds} rounds, contenders taking turns; measured read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s (best of {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)})")
     print()

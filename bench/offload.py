@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -76,8 +77,8 @@ class Recording:
     predicted: list[list[list[int]]]  # [step][layer] -> prefetch guess for that layer (empty for layer 0)
 
 
-def record(engine, predictor: RouterPredictor, decode: int, seed: int) -> Recording:
-    """Run prompt + decode, recording each decode step's routing and next-layer guesses."""
+def record(engine, predictor: RouterPredictor, drive: Callable[[], object]) -> Recording:
+    """Call `drive()`, which runs the engine, recording each decode step's routing and next-layer guesses."""
     spec = engine.spec
     rec = Recording([], [])
     original = engine.dispatcher.run
@@ -94,7 +95,7 @@ def record(engine, predictor: RouterPredictor, decode: int, seed: int) -> Record
 
     engine.dispatcher.run = recording
     try:
-        decode_tokens(engine, decode, seed)
+        drive()
     finally:
         engine.dispatcher.run = original
     return rec
@@ -213,7 +214,7 @@ def main() -> None:
     predictor = RouterPredictor([dense.layer_weights(i)["router"] for i in range(spec.num_layers)], k)
     start = time.perf_counter()
     engine = engine_from_artifact(artifact, Residence(total // 4, total))
-    rec = record(engine, predictor, args.decode, seed=0)
+    rec = record(engine, predictor, lambda: decode_tokens(engine, args.decode, seed=0))
     engine.close()
     del engine
     gc.collect()

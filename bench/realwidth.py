@@ -41,18 +41,22 @@ PREFILL_BUCKETS = (64, 256, 1024)
 MAX_CONTEXT = 1040  # a 1024-token prompt and its first token, or a short prompt and many decoded
 
 
-def real_width_artifact(dtype: str, layers: int = 4, vocab: int = 8192) -> Path:
-    """The checkpoint converted (`python -m convert`'s pipeline, through run.py's cache) with default
+def bench_artifact(model_dir: Path, dtype: str) -> Path:
+    """`model_dir` converted (`python -m convert`'s pipeline, through run.py's cache) with default
     tiers (1x8, 8x4, 64x2), the prefill and decode benches' buckets and context, and `dtype`
-    experts, cached beside it."""
+    experts, cached in the bench cache."""
     from convert.cache import cached_artifact
     from artifact.manifest import TierRecord
     from convert.pipeline import ConvertOptions
 
     options = ConvertOptions(dtype, (TierRecord(1, 8), TierRecord(8, 4), TierRecord(64, 2)), PREFILL_BUCKETS,
                              MAX_CONTEXT)
-    return cached_artifact(real_width_checkpoint(layers, vocab), CACHE / "artifacts", options, progress=False,
+    return cached_artifact(model_dir, CACHE / "artifacts", options, progress=False,
                            say=lambda text: print(text, file=sys.stderr)).path
+
+
+def real_width_artifact(dtype: str, layers: int = 4, vocab: int = 8192) -> Path:
+    return bench_artifact(real_width_checkpoint(layers, vocab), dtype)
 
 
 if __name__ == "__main__":

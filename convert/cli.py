@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the disk filled, a directory is read-only, ...: the convert left nothing behind
+        print(f"error: {err.strerror or err} ({err.filename or 'writing the artifact'}); nothing was written",
+              file=sys.stderr)
+        return 1
 
 
 def run_convert(args) -> int:

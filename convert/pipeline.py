@@ -22,7 +22,8 @@ from typing import Callable
 from model.checkpoint import Checkpoint
 from artifact.dense import DenseWriter, layer_tensor
 from convert.export import export_graph, graph_plans
-from artifact.manifest import EXPERT_DTYPES, MANIFEST_NAME, TARGETS, ArtifactError, Manifest, SourceRecord, TierRecord
+from artifact.manifest import (EXPERT_DTYPES, MANIFEST_NAME, TARGETS, TOKENIZER_DIR, TOKENIZER_FILES, ArtifactError,
+                               FileRecord, Manifest, SourceRecord, TierRecord)
 from convert.source import global_rows, release, source_bytes
 from model.spec import ModelSpec
 from artifact.store import StoreWriter
@@ -164,7 +165,7 @@ def convert(model_dir: str | Path, out: str | Path, options: ConvertOptions = Co
             source=SourceRecord(model_dir.resolve().name, _sha256_file(model_dir / "config.json")),
             max_context=options.max_context, buckets=tuple(options.buckets), tiers=tuple(options.tiers),
             graphs=tuple(graphs), dense=dense, experts=experts, target=options.target,
-            kernels=_kernels(options.target), created_by=_created_by(),
+            kernels=_kernels(options.target), tokenizer=_copy_tokenizer(model_dir, tmp), created_by=_created_by(),
         )
         manifest.validate(f"{tmp / MANIFEST_NAME} (being written)")
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
@@ -175,6 +176,18 @@ def convert(model_dir: str | Path, out: str | Path, options: ConvertOptions = Co
         raise
     stats.total_s = time.perf_counter() - start
     return manifest, stats
+
+
+def _copy_tokenizer(model_dir: Path, tmp: Path) -> tuple[FileRecord, ...]:
+    """The checkpoint's tokenizer files, copied byte for byte under TOKENIZER_DIR and recorded."""
+    records = []
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            (tmp / TOKENIZER_DIR).mkdir(exist_ok=True)
+            target = tmp / TOKENIZER_DIR / name
+            shutil.copyfile(model_dir / name, target)
+            records.append(FileRecord(f"{TOKENIZER_DIR}/{name}", target.stat().st_size, _sha256_file(target)))
+    return tuple(records)
 
 
 def _created_by() -> str:

@@ -20,7 +20,8 @@ import pytest
 from checkpoints import TinyShape, write_checkpoint
 from artifact.reader import Artifact, ChecksumError, ExpertChecksumError, MissingFileError, ModelMismatchError
 from convert.cli import main as cli
-from artifact.manifest import ArtifactError, ManifestError, ManifestVersionError, TierRecord, UnsafePathError
+from artifact.manifest import (DIGEST_KEY, ArtifactError, ManifestError, ManifestVersionError, TierRecord,
+                               UnsafePathError, manifest_digest)
 from convert.pipeline import ArtifactExistsError, ConvertOptions, convert
 from offload.store_weights import StoreExperts
 from runtime.build import engine_from_artifact
@@ -32,6 +33,7 @@ OPTIONS = ConvertOptions("fp32", (TierRecord(1, 2), TierRecord(4, 2)), (16,), 32
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     model_dir = write_checkpoint(TinyShape(), tmp_path_factory.mktemp("ckpt"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))  # copied as is
     out = tmp_path_factory.mktemp("art") / "good"
     convert(model_dir, out, OPTIONS, progress=False)
     return model_dir, out
@@ -44,11 +46,69 @@ def artifact(source, tmp_path):
     return copy
 
 
-def edit_manifest(root: Path, change) -> None:
+def edit_manifest(root: Path, change, sign: bool = True) -> None:
+    """Change manifest.json's fields; `sign` records the digest of the result, as a convert would, so
+    the check under test is the one that speaks (not the digest's)."""
     path = root / "manifest.json"
     data = json.loads(path.read_text())
+    recorded = data.pop(DIGEST_KEY)
     change(data)
+    data[DIGEST_KEY] = manifest_digest(data) if sign else recorded
     path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change", [lambda m: m["model"].update(rope_theta=m["model"]["rope_theta"] * 2),
+                                    lambda m: m["model"].update(eos_token_ids=[7]),
+                                    lambda m: m["source"].update(config_sha256="0" * 64),
+                                    lambda m: m["graphs"][0]["inputs"][0].update(dtype="float16")],
+                         ids=["rope_theta", "eos_token_ids", "config_sha256", "graph-signature"])
+def test_edited_manifest_is_refused(artifact, change):
+    """Numbers no file checksum covers (the model's rope theta, its EOS ids) would change the output
+    silently, and an edited graph signature would fail mid-run: the manifest's own digest refuses any
+    edit when the artifact is opened."""
+    edit_manifest(artifact, change, sign=False)
+    with pytest.raises(ManifestError, match="do not match the manifest_sha256 recorded by the convert .edited"):
+        Artifact.open(artifact, verify="none")
+
+
+def artifact_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_artifact_carries_the_tokenizer_files(source):
+    model_dir, out = source
+    assert (out / "tokenizer" / "tokenizer_config.json").read_bytes() == (model_dir / "tokenizer_config.json").read_bytes()
+    assert Artifact.open(out).tokenizer_dir() == (out / "tokenizer").resolve()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_every_file_damaged_is_refused_by_name(source, tmp_path, damage):
+    """Each file of the artifact in turn: one byte flipped where the run reads it (inside an expert
+    block for the store; the middle elsewhere), or the file cut to half. A full verify (what
+    `python -m convert verify` does) refuses each, naming the file; a truncation is refused even by
+    verify=none, which checks sizes only."""
+    files = artifact_files(source[1])
+    assert {"manifest.json", "dense.safetensors", "experts.bin", "tokenizer/tokenizer_config.json"} <= set(files)
+    assert any(f.startswith("graphs/") for f in files)
+    for name in files:
+        root = tmp_path / name.replace("/", "_")
+        shutil.copytree(source[1], root)
+        path = root / name
+        data = bytearray(path.read_bytes())
+        if damage == "truncate":
+            path.write_bytes(bytes(data[: len(data) // 2]))
+        else:
+            at = len(data) // 2
+            if name == "experts.bin":
+                block = Artifact.open(source[1], verify="none").manifest.experts.blocks[3]
+                at = block.offset + 5
+            data[at] ^= 0x10
+            path.write_bytes(bytes(data))
+        modes = ("full", "none") if damage == "truncate" else ("full",)
+        for verify in modes:
+            with pytest.raises(ArtifactError) as err:
+                Artifact.open(root, verify=verify)
+            assert name in str(err.value), f"{name} ({damage}, verify={verify}): {err.value}"
 
 
 def test_good_artifact_opens_fully_verified(artifact):
@@ -87,7 +147,7 @@ def test_graphs_of_other_kernels_are_refused_by_name(artifact):
 
 def test_manifest_of_another_version(artifact):
     edit_manifest(artifact, lambda m: m.update(version=1))
-    with pytest.raises(ManifestVersionError, match="manifest version 1, this Ferry reads version 3"):
+    with pytest.raises(ManifestVersionError, match="manifest version 1, this Ferry reads version 4"):
         Artifact.open(artifact)
 
 

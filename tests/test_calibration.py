@@ -189,8 +189,9 @@ def test_notebook_writes_a_tiers_option_run_py_accepts(tmp_path, monkeypatch):
 
     from hydra import compose, initialize_config_dir
 
-    from app.demo import demo_spec
-    from app.settings import plain, tier_set
+    from app.demo import DEMO_DIR
+    from model.spec import load_spec
+    from app.settings import tier_set
 
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -207,7 +208,7 @@ def test_notebook_writes_a_tiers_option_run_py_accepts(tmp_path, monkeypatch):
     # what run.py does with `tiers=ci`: compose its config, then validate the list for the model
     with initialize_config_dir(config_dir=str(conf), version_base=None):
         cfg = compose("config", overrides=["tiers=ci"])
-    spec = demo_spec(plain(compose_model(conf)["config"]))
+    spec = load_spec(DEMO_DIR)
     assert tier_set(cfg.tiers, spec) == tiers
 
     trace = RoutingTrace.load(tmp_path / "trace.npz")
@@ -219,9 +220,3 @@ def test_notebook_writes_a_tiers_option_run_py_accepts(tmp_path, monkeypatch):
     for loads in load_samples(trace):
         carried = sum(p.count for launch in plan_launches(loads, tiers) for p in launch.pieces)
         assert carried == loads.sum()
-
-
-def compose_model(conf: Path) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(conf / "model" / "demo.yaml"), resolve=True)

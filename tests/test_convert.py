@@ -369,5 +369,5 @@ def test_global_tensors_are_read_in_row_chunks(base, monkeypatch):
 def test_manifest_json_round_trip_is_plain_data(base):
     text = (base[4] / "manifest.json").read_text()
     data = json.loads(text)
-    assert data["format"] == "ferry-artifact" and data["version"] == 3 and data["target"] == "cpu"
+    assert data["format"] == "ferry-artifact" and data["version"] == 4 and data["target"] == "cpu"
     assert data["experts"]["parts"][0] == {"name": "gate_up", "dtype": "float32", "shape": [64, 64], "offset": 0}

@@ -52,7 +52,9 @@ def test_top_k_restricts_to_the_k_most_likely():
     assert {sampler(logits) for _ in range(300)} == {0, 1}
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)])
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                 dict(top_k=-2), dict(top_k=2.5), dict(top_p=0.0), dict(top_p=1.5),
+                                 dict(top_p=float("nan")), dict(seed=-1), dict(seed=True)])
 def test_bad_sampling_settings_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         Sampling(**bad)
@@ -94,6 +96,24 @@ def test_engine_refuses_bad_token_ids_and_context_overflow(engine):
         engine.forward(np.ones(257, np.int64))
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(engine, PROMPT, 0)
+
+
+def test_generate_checks_everything_before_the_first_launch(engine):
+    """Up front, not after a prefill or halfway through decoding."""
+    launched = []
+    original = engine.forward
+    engine.forward = lambda ids, **kw: launched.append(ids) or original(ids, **kw)
+    try:
+        with pytest.raises(ValueError, match="the prompt is empty"):
+            generate(engine, [], 4)
+        with pytest.raises(ValueError, match=r"prompt ids \[-1\] are outside the vocabulary"):
+            generate(engine, [3, -1], 4)
+        with pytest.raises(ValueError, match="need 257 positions, more than max_context=256"):
+            generate(engine, PROMPT, 256 - len(PROMPT) + 2)
+        assert not launched
+        assert len(generate(engine, PROMPT, 256 - len(PROMPT) + 1, eos_ids=()).token_ids) == 256 - len(PROMPT) + 1
+    finally:
+        del engine.forward
 
 
 def test_buckets_are_validated():

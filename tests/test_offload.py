@@ -32,7 +32,7 @@ from convert.pipeline import ConvertOptions, convert
 from offload.offloaded import OffloadedExperts
 from offload.placement import host_expert, placement_from_config
 from offload.policies import make_policy
-from offload.prefetch import Prefetcher, RouterPredictor
+from offload.prefetch import Prefetcher, RouterPredictor, lookahead_routers
 from offload.residence import ALL, AUTO, Residence, decide, host_compute_config
 from runtime.build import engine_from_artifact
 from runtime.generate import generate
@@ -443,3 +443,23 @@ def test_prefetcher_guesses_next_layer_and_reports_failure():
     failing.drain()
     assert isinstance(failing.error, OSError)
     failing.close()
+
+
+def test_lookahead_routers_read_the_previous_layers_input():
+    """Given the previous layer's MoE input (normalised with its scale 1 + w_prev), the lookahead
+    router's logits are exactly the router's on the same hidden state normalised with its own scale."""
+    rng = np.random.default_rng(0)
+    hidden, experts = 16, 6
+    layers = [{"router": rng.normal(size=(experts, hidden)).astype(np.float32),
+               "post_attn_norm": rng.normal(scale=0.5, size=hidden).astype(np.float32)} for _ in range(3)]
+    layers[1]["post_attn_norm"][3] = -1.0  # a zero scale: that column carries nothing, and is dropped
+    routers = lookahead_routers(layers)
+    np.testing.assert_array_equal(routers[0], layers[0]["router"])
+    normed = rng.normal(size=(4, hidden))  # h / rms(h), one row per token
+    for layer in (1, 2):
+        x_prev = normed * (1 + layers[layer - 1]["post_attn_norm"])
+        own = normed * (1 + layers[layer]["post_attn_norm"])
+        expected = own @ layers[layer]["router"].T.astype(np.float64)
+        if layer == 2:  # the dropped column: the previous input holds nothing there to rescale
+            expected -= np.outer(own[:, 3], layers[layer]["router"][:, 3])
+        np.testing.assert_allclose(x_prev @ routers[layer].T.astype(np.float64), expected, rtol=1e-5, atol=1e-5)

@@ -99,3 +99,39 @@ def test_tiers_never_change_the_result(case):
     counters = engine.dispatcher.counters
     assert counters.launches[0] > 0 and counters.launches[1] > 0
     assert sum(counters.tokens) == PROMPT * shape.top_k * shape.layers  # every routed token, once
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The trained demo shipped in models/ferry-demo, on its held-out text: real routing, real logits."""
+    from transformers import Qwen3_5MoeForCausalLM
+
+    from app.demo import DEMO_DIR, HELDOUT
+    from runtime.tokenizer import load_tokenizer
+
+    ids = np.array(load_tokenizer(DEMO_DIR).encode(HELDOUT.read_text(encoding="utf-8")).ids[:PROMPT + 16])
+    oracle = Qwen3_5MoeForCausalLM.from_pretrained(DEMO_DIR, dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = oracle(torch.tensor(ids)[None]).logits[0].numpy()
+    engine = engine_from_checkpoint(DEMO_DIR, buckets=Buckets((16, 64)), max_context=256)
+    return oracle, ids, reference, engine
+
+
+def test_trained_demo_matches_transformers(trained):
+    """Logits at every prompt position and decode step within the BF16 checkpoints' tolerance (2e-4),
+    and 32 greedy tokens exactly."""
+    oracle, ids, reference, engine = trained
+    assert np.abs(reference).std() > 1  # a trained model's logits: confident, not flat
+    engine.reset()
+    ours = engine.forward(ids[:PROMPT], all_logits=True)
+    assert np.abs(ours - reference[:PROMPT]).max() <= 2e-4
+    for step in range(16):
+        logits = engine.forward(ids[PROMPT + step: PROMPT + step + 1])
+        diff = np.abs(logits - reference[PROMPT + step]).max()
+        assert diff <= 2e-4, f"decode step {step}: max |logit diff| {diff:.2e}"
+    prompt = ids[:20]
+    with torch.no_grad():
+        expected = oracle.generate(torch.tensor(prompt)[None], max_new_tokens=32, do_sample=False,
+                                   min_new_tokens=32, eos_token_id=None, pad_token_id=0)[0, 20:].tolist()
+    engine.reset()
+    assert generate(engine, prompt, max_new_tokens=32, eos_ids=()).token_ids == expected

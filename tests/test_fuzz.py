@@ -1,0 +1,83 @@
+"""Bad overrides, generated: every one ends in one `error:` line naming the setting, status 2 (or 1
+when the memory plan cannot fit), and never an exception escaping to Hydra (a traceback).
+
+Runs in-process, as `run.py` does after Hydra has composed the config (`app.main.main`), on the
+demo: a case that validation lets through runs the model (1 token), which is slow but shows the bug.
+"""
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app import main as app_main
+from app.demo import DEMO_DIR
+
+CONF = DEMO_DIR.parents[1] / "conf"
+BASE = ["max_new_tokens=1", "warmup=false", "stream=false", "prompt_ids=[5,6,7]"]
+# settings whose value is a number, a list or a choice, and values none of them accepts
+NUMERIC = ["max_new_tokens", "max_context", "sampling.temperature", "sampling.top_k", "sampling.top_p",
+           "sampling.seed", "placement.expert_budget_gb", "device.memory_gb", "device.reserved_gb",
+           "device.threads", "tiers.0.capacity", "tiers.1.group", "tiers.2.capacity"]
+CHOICE = ["mode", "placement.policy", "placement.prefetch", "placement.host_compute", "device.expert_dtype",
+          "device.compute_dtype", "chat", "warmup", "stream", "chat_template_kwargs", "prefill_buckets",
+          "prompt_ids", "prompt"]
+NEVER_VALID = ["nan", "inf", "-inf", "abc", "{}", "'1; rm -rf /'", "[[1]]", "{a: 1}"]
+SOMETIMES = ["-1", "0", "1", "1.5", "-0.5", "1e30", "99999999999", "null", "true", "[]", "[3,1]", "[1]", "[64,16]",
+             "[0]", "[5000]", "[-3]"]
+
+
+@pytest.fixture(scope="module")
+def conf_dir():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+
+
+def run(overrides: list[str]) -> tuple[int, str]:
+    """(exit status, stderr) of `python run.py OVERRIDES`, in-process."""
+    try:
+        cfg = compose("config", overrides=[f"artifact_cache={CACHE}"] + BASE + overrides)
+    except ConfigCompositionException as err:  # Hydra's own: run.py prints this message, status 1, no traceback
+        return 1, f"error: {err}"
+    err = io.StringIO()
+    with redirect_stderr(err), redirect_stdout(io.StringIO()):
+        try:
+            app_main.main(cfg)
+            status = 0
+        except SystemExit as exit_:
+            status = exit_.code
+    return status, err.getvalue()
+
+
+CACHE = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def artifact_cache(tmp_path_factory):
+    global CACHE
+    CACHE = tmp_path_factory.mktemp("fuzz-artifacts")
+
+
+def check(key: str, value: str, status: int, stderr: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    if status == 0:
+        valid_here = {"chat_template_kwargs": {"{}", "{a: 1}"}}.get(key, set())
+        assert value not in set(NEVER_VALID) - valid_here, f"{key}={value} was accepted"
+        return
+    assert status in (1, 2), f"{key}={value}: status {status}\n{stderr}"
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, f"{key}={value}: expected one error line\n{stderr}"
+    leaf = key.split(".")[-1]
+    assert leaf in errors[0] or key.split(".")[0] in errors[0], f"{key}={value}: the error does not name it: {errors[0]}"
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(NUMERIC + CHOICE), value=st.sampled_from(NEVER_VALID + SOMETIMES))
+def test_one_bad_override(conf_dir, key, value):
+    status, stderr = run([f"{key}={value}"])
+    check(key, value, status, stderr)
