@@ -261,12 +261,8 @@ def validated(cfg: DictConfig) -> Run:
     model_dir, artifact, spec = model_source(model, cfg.mode)
     if not cfg.get("tiers"):
         raise ConfigError("tiers is empty: choose tiers=default|fine|coarse or write conf/tiers/NAME.yaml")
-    tiers = settings.tier_set(cfg.tiers, spec)
-    for i, tier in enumerate(tiers):
-        if tier.capacity > buckets[-1]:
-            raise ConfigError(f"tiers[{i}] has capacity {tier.capacity}, more than the largest launch "
-                              f"(prefill_buckets: {buckets[-1]} tokens): an expert never receives more tokens than a "
-                              f"launch holds; choose at most {buckets[-1]}")
+    # an artifact's own tiers and buckets replace these below, so only a convert still to come bounds them
+    tiers = settings.tier_set(cfg.tiers, spec, largest_launch=buckets[-1] if artifact is None else None)
     expert_dtype = device.expert_dtype
     if artifact is not None:  # its graphs were exported for its own tiers, buckets, context and storage
         manifest = artifact_manifest(artifact)
@@ -330,9 +326,10 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
 
     from runtime.tokenizer import load_tokenizer
 
-    words = tokenizer_dir(model_dir, artifact)
-    tokenizer = load_tokenizer(words) if words is not None and (words / "tokenizer.json").is_file() else None
-    ids = prompt_ids(source, tokenizer, words or artifact, cfg, r.spec)
+    tokenizer_files = tokenizer_dir(model_dir, artifact)
+    tokenizer = (load_tokenizer(tokenizer_files)
+                 if tokenizer_files is not None and (tokenizer_files / "tokenizer.json").is_file() else None)
+    ids = prompt_ids(source, tokenizer, tokenizer_files or artifact, cfg, r.spec)
     if len(ids) > r.max_context:
         raise ConfigError(f"the prompt is {len(ids)} tokens, longer than max_context={r.max_context}; "
                           "shorten it or raise max_context (the memory plan grows with it)")

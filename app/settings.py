@@ -94,8 +94,10 @@ def placement(cfg: Mapping) -> Placement:
     return Placement(budget, policy, prefetch, host)
 
 
-def tier_set(entries, spec: ModelSpec) -> TierSet:
-    """The `tiers:` list; entries without a group take the model's experts per token."""
+def tier_set(entries, spec: ModelSpec, largest_launch: int | None = None) -> TierSet:
+    """The `tiers:` list; entries without a group take the model's experts per token. With
+    `largest_launch` (the largest prefill bucket the graphs will be exported for), no capacity may
+    exceed it."""
     entries = plain(entries)
     if not isinstance(entries, list):
         raise ConfigError(f"tiers must be a list of {{capacity, group}} entries, got {entries!r}")
@@ -108,6 +110,10 @@ def tier_set(entries, spec: ModelSpec) -> TierSet:
             raise ConfigError(f"tiers[{i}] has group {tier.group}, more than the model's {spec.num_experts} experts "
                               f"per layer: a launch never holds more experts than a layer has; choose at most "
                               f"{spec.num_experts}")
+        if largest_launch is not None and tier.capacity > largest_launch:
+            raise ConfigError(f"tiers[{i}] has capacity {tier.capacity}, more than the largest launch "
+                              f"(prefill_buckets: {largest_launch} tokens): an expert never receives more tokens "
+                              f"than a launch holds; choose at most {largest_launch}")
     return tiers
 
 

@@ -25,6 +25,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -35,7 +36,7 @@ from bench.offload import Recording, part_one, record  # noqa: E402
 from bench.realwidth import bench_artifact  # noqa: E402
 from app.plan import expert_block_bytes  # noqa: E402
 from offload.policies import make_policy  # noqa: E402
-from offload.prefetch import RouterPredictor, lookahead_routers  # noqa: E402
+from offload.prefetch import RouterPredictor  # noqa: E402
 from offload.slots import SlotPool  # noqa: E402
 from runtime.backend import configure  # noqa: E402
 from runtime.build import engine_from_artifact  # noqa: E402
@@ -59,6 +60,23 @@ def windows(model_dir: Path, text: Path, segments: int, length: int) -> list[lis
                          f"{segments * length}")
     starts = np.linspace(0, len(ids) - length, segments).astype(int)
     return [ids[s:s + length] for s in starts]
+
+
+def lookahead_routers(layers: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
+    """Each layer's router [E, H], rescaled to read the previous layer's MoE input, which is what a
+    prefetch guess has in hand (a candidate for `offload.prefetch`, measured here; it guessed no
+    better than the plain routers, so the prefetcher keeps those): that input is normalised with the previous layer's post-attention
+    norm (scale 1 + w_prev), the router's own input with its layer's (1 + w). Undoing the one and
+    applying the other folds into the router's columns, once, so the guess costs nothing more; what it
+    cannot see is the residual update in between (the previous layer's experts, this layer's mixer).
+    Layer 0's router is kept (nothing comes before it); a column whose previous scale is 0 is dropped."""
+    routers = [np.ascontiguousarray(layers[0]["router"], np.float32)]
+    for prev, layer in zip(layers, layers[1:]):
+        before = 1.0 + prev["post_attn_norm"].astype(np.float64)  # [H]
+        after = 1.0 + layer["post_attn_norm"].astype(np.float64)  # [H]
+        ratio = np.divide(after, before, out=np.zeros_like(after), where=np.abs(before) > 1e-6)
+        routers.append((layer["router"] * ratio[None, :]).astype(np.float32))
+    return routers
 
 
 class BothGuesses:
@@ -216,7 +234,7 @@ def main() -> None:
     total = spec.num_layers * spec.num_experts
     print("\n== 3. One slot pool over all layers (Ferry's), FP32 blocks ==", end="")
     part_one(rec, spec, [total // 16, total // 8, total // 4, total // 2], expert_block_bytes(spec, "fp32"))
-    print(f"prefetch guesses with the lookahead routers (norm scales folded in, offload.prefetch): "
+    print(f"prefetch guesses with the lookahead routers (norm scales folded in): "
           f"{100 * guess_accuracy(rec, lookahead):.0f}% (plain routers: {100 * guess_accuracy(rec, rec.predicted):.0f}%)")
     precision(args.model, segments, args.greedy, args.length)
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 from model.checkpoint import Checkpoint
 from artifact.dense import DenseWriter, layer_tensor
-from convert.export import export_graph, graph_plans
+from convert.export import export_graph, file_record, graph_plans
 from artifact.manifest import (EXPERT_DTYPES, MANIFEST_NAME, TARGETS, TOKENIZER_DIR, TOKENIZER_FILES, ArtifactError,
                                FileRecord, Manifest, SourceRecord, TierRecord)
 from convert.source import global_rows, release, source_bytes
@@ -184,9 +184,8 @@ def _copy_tokenizer(model_dir: Path, tmp: Path) -> tuple[FileRecord, ...]:
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
             (tmp / TOKENIZER_DIR).mkdir(exist_ok=True)
-            target = tmp / TOKENIZER_DIR / name
-            shutil.copyfile(model_dir / name, target)
-            records.append(FileRecord(f"{TOKENIZER_DIR}/{name}", target.stat().st_size, _sha256_file(target)))
+            shutil.copyfile(model_dir / name, tmp / TOKENIZER_DIR / name)
+            records.append(file_record(tmp, f"{TOKENIZER_DIR}/{name}"))
     return tuple(records)
 
 

@@ -16,7 +16,7 @@ Hits, waste and stall are counted by the provider (`offload.counters`).
 from __future__ import annotations
 
 import threading
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -36,22 +36,6 @@ class RouterPredictor:
         best = logits.max(axis=0)  # [E]: ties in counts go to the strongest single preference
         order = np.lexsort((-best, -counts))
         return [int(e) for e in order[: min(limit, int((counts > 0).sum()))]]
-
-
-def lookahead_routers(layers: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
-    """Each layer's router [E, H], rescaled to read the previous layer's MoE input, which is what a
-    prefetch guess has in hand: that input is normalised with the previous layer's post-attention
-    norm (scale 1 + w_prev), the router's own input with its layer's (1 + w). Undoing the one and
-    applying the other folds into the router's columns, once, so the guess costs nothing more; what it
-    cannot see is the residual update in between (the previous layer's experts, this layer's mixer).
-    Layer 0's router is kept (nothing comes before it); a column whose previous scale is 0 is dropped."""
-    routers = [np.ascontiguousarray(layers[0]["router"], np.float32)]
-    for prev, layer in zip(layers, layers[1:]):
-        before = 1.0 + prev["post_attn_norm"].astype(np.float64)  # [H]
-        after = 1.0 + layer["post_attn_norm"].astype(np.float64)  # [H]
-        ratio = np.divide(after, before, out=np.zeros_like(after), where=np.abs(before) > 1e-6)
-        routers.append((layer["router"] * ratio[None, :]).astype(np.float32))
-    return routers
 
 
 class Prefetcher:

@@ -30,12 +30,7 @@ def generate(engine: Engine, prompt_ids: Sequence[int], max_new_tokens: int, sam
     """Generate from a fresh sequence. `on_token` sees every new id as soon as it exists (streaming)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not len(prompt_ids):
-        raise ValueError("the prompt is empty: generation needs at least one token")
-    vocab = engine.spec.vocab_size
-    outside = [int(t) for t in prompt_ids if not 0 <= int(t) < vocab]
-    if outside:
-        raise ValueError(f"prompt ids {outside[:5]} are outside the vocabulary [0, {vocab})")
+    # an empty prompt and ids outside the vocabulary are refused by engine.forward before it launches
     if len(prompt_ids) + max_new_tokens - 1 > engine.max_context:
         raise ValueError(f"a prompt of {len(prompt_ids)} tokens and {max_new_tokens} new tokens need "
                          f"{len(prompt_ids) + max_new_tokens - 1} positions, more than max_context={engine.max_context}")

@@ -38,10 +38,15 @@ def conf_dir():
         yield
 
 
-def run(overrides: list[str]) -> tuple[int, str]:
-    """(exit status, stderr) of `python run.py OVERRIDES`, in-process."""
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz-artifacts")
+
+
+def run(overrides: list[str], cache) -> tuple[int, str]:
+    """(exit status, stderr) of `python run.py OVERRIDES`, in-process, converting into `cache`."""
     try:
-        cfg = compose("config", overrides=[f"artifact_cache={CACHE}"] + BASE + overrides)
+        cfg = compose("config", overrides=[f"artifact_cache={cache}"] + BASE + overrides)
     except ConfigCompositionException as err:  # Hydra's own: run.py prints this message, status 1, no traceback
         return 1, f"error: {err}"
     err = io.StringIO()
@@ -52,15 +57,6 @@ def run(overrides: list[str]) -> tuple[int, str]:
         except SystemExit as exit_:
             status = exit_.code
     return status, err.getvalue()
-
-
-CACHE = None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def artifact_cache(tmp_path_factory):
-    global CACHE
-    CACHE = tmp_path_factory.mktemp("fuzz-artifacts")
 
 
 def check(key: str, value: str, status: int, stderr: str) -> None:
@@ -78,6 +74,6 @@ def check(key: str, value: str, status: int, stderr: str) -> None:
 
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(NUMERIC + CHOICE), value=st.sampled_from(NEVER_VALID + SOMETIMES))
-def test_one_bad_override(conf_dir, key, value):
-    status, stderr = run([f"{key}={value}"])
+def test_one_bad_override(conf_dir, cache, key, value):
+    status, stderr = run([f"{key}={value}"], cache)
     check(key, value, status, stderr)

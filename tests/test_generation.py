@@ -101,19 +101,19 @@ def test_engine_refuses_bad_token_ids_and_context_overflow(engine):
 def test_generate_checks_everything_before_the_first_launch(engine):
     """Up front, not after a prefill or halfway through decoding."""
     launched = []
-    original = engine.forward
-    engine.forward = lambda ids, **kw: launched.append(ids) or original(ids, **kw)
+    original = engine._launch
+    engine._launch = lambda ids, *args: launched.append(ids) or original(ids, *args)
     try:
-        with pytest.raises(ValueError, match="the prompt is empty"):
+        with pytest.raises(ValueError, match="at least one token id"):
             generate(engine, [], 4)
-        with pytest.raises(ValueError, match=r"prompt ids \[-1\] are outside the vocabulary"):
+        with pytest.raises(ValueError, match=r"token ids must lie in \[0, "):
             generate(engine, [3, -1], 4)
         with pytest.raises(ValueError, match="need 257 positions, more than max_context=256"):
             generate(engine, PROMPT, 256 - len(PROMPT) + 2)
         assert not launched
         assert len(generate(engine, PROMPT, 256 - len(PROMPT) + 1, eos_ids=()).token_ids) == 256 - len(PROMPT) + 1
     finally:
-        del engine.forward
+        del engine._launch
 
 
 def test_buckets_are_validated():

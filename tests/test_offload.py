@@ -32,7 +32,7 @@ from convert.pipeline import ConvertOptions, convert
 from offload.offloaded import OffloadedExperts
 from offload.placement import host_expert, placement_from_config
 from offload.policies import make_policy
-from offload.prefetch import Prefetcher, RouterPredictor, lookahead_routers
+from offload.prefetch import Prefetcher, RouterPredictor
 from offload.residence import ALL, AUTO, Residence, decide, host_compute_config
 from runtime.build import engine_from_artifact
 from runtime.generate import generate
@@ -446,6 +446,8 @@ def test_prefetcher_guesses_next_layer_and_reports_failure():
 
 
 def test_lookahead_routers_read_the_previous_layers_input():
+    from bench.routing import lookahead_routers  # the bench's candidate predictor
+
     """Given the previous layer's MoE input (normalised with its scale 1 + w_prev), the lookahead
     router's logits are exactly the router's on the same hidden state normalised with its own scale."""
     rng = np.random.default_rng(0)

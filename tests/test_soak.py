@@ -38,19 +38,17 @@ def test_two_thousand_streamed_tokens_leak_nothing_and_equal_resident(tmp_path):
     engine = engine_from_artifact(artifact, Residence(4, total, "lru", prefetch=True))
     generate(engine, PROMPT, 8, eos_ids=())  # warm-up: graphs compiled, slots and buffers allocated
     engine.dispatcher.stats.reset()
-    samples = []
+    tokens, rss = [], []
 
-    def sample(token: int) -> None:
-        if len(samples) < TOKENS and (len(samples) + 1) % 200 == 0:
-            samples.append(rss_bytes())
-        elif len(samples) < TOKENS:
-            samples.append(None)
+    def sample(token: int) -> None:  # resident set size every 200 tokens
+        tokens.append(token)
+        if len(tokens) % 200 == 0:
+            rss.append(rss_bytes())
 
     streamed = generate(engine, PROMPT, TOKENS, eos_ids=(), on_token=sample)
     stats = engine.dispatcher.stats
     block = engine.dispatcher.weights.store.block_bytes  # the slot pool's store: one copy moves one block
     engine.close()
-    rss = [s for s in samples if s is not None]
     assert len(rss) == TOKENS // 200
     growth = max(rss) - rss[0]
     assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over {TOKENS} tokens: {rss}"
