@@ -26,6 +26,11 @@ os.environ.setdefault("GLOG_v", "3")  # before anything imports MindSpore: its C
 
 import sys
 
+from app import interrupts
+
+if __name__ == "__main__":
+    interrupts.take()  # before the imports below start threads (see app/interrupts.py)
+
 import hydra
 from omegaconf import DictConfig
 

@@ -246,6 +246,7 @@ class Run:
 
 
 def validated(cfg: DictConfig) -> Run:
+    settings.no_unknown_settings(cfg, settings.known_settings(CONF, GROUPS))
     if cfg.mode not in ("run", "plan"):
         raise ConfigError(f"mode must be run or plan, got {settings.plain(cfg.mode)!r}")
     settings.switches(cfg, ("chat", "warmup", "stream"))

@@ -5,6 +5,7 @@ a bad override stops the run before anything is loaded, with one line per proble
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from collections.abc import Mapping
@@ -29,6 +30,36 @@ def plain(node):
     if isinstance(node, (DictConfig, ListConfig)):
         return OmegaConf.to_container(node, resolve=True)
     return node
+
+
+def known_settings(conf: Path, groups: tuple[str, ...]) -> dict[str, set[str]]:
+    """The setting names the config files define, per section ('' is the top level): the top level's
+    and `sampling`'s from config.yaml, each of `groups`' as the union over that group's option files."""
+    top = OmegaConf.load(conf / "config.yaml")
+    known = {"": {str(k) for k in top.keys()} - {"defaults"} | {"hydra", "tiers", *groups},
+             "sampling": {str(k) for k in top.sampling.keys()}}
+    for group in groups:
+        files = sorted((conf / group).glob("*.yaml"))
+        if files and all(isinstance(OmegaConf.load(f), DictConfig) for f in files):
+            known[group] = set().union(*({str(k) for k in OmegaConf.load(f).keys()} for f in files))
+    return known
+
+
+def no_unknown_settings(cfg: DictConfig, known: Mapping[str, set[str]]) -> None:
+    """Refuse a key no config file defines (`+sampling.temprature=0.5` would otherwise be ignored
+    silently, and the run would sample at the default temperature)."""
+    for section, names in known.items():
+        node = cfg if not section else cfg.get(section)
+        if not isinstance(node, DictConfig):
+            continue
+        for key in node.keys():
+            if key in names:
+                continue
+            where = f"{section}.{key}" if section else str(key)
+            close = difflib.get_close_matches(str(key), sorted(names), 1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown setting '{where}': {hint}{section or 'the top level'} takes "
+                              f"{', '.join(sorted(names))}")
 
 
 def _number(value, key: str, allow_zero: bool = True) -> float:

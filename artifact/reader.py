@@ -23,6 +23,7 @@ from artifact.dense import SAFETENSORS_DTYPES, layer_tensor
 from artifact.manifest import (
     MANIFEST_NAME,
     TOKENIZER_DIR,
+    TOKENIZER_FILES,
     ArtifactError,
     ExpertStoreRecord,
     FileRecord,
@@ -53,6 +54,10 @@ class ExpertChecksumError(ChecksumError):
 
 class ModelMismatchError(ArtifactError):
     """The artifact was converted from another model than the one expected."""
+
+
+class SourceMismatchError(ArtifactError):
+    """A checkpoint's config or tokenizer files are not the ones the artifact was converted from."""
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -205,6 +210,29 @@ class Artifact:
         for record in self.manifest.tokenizer:
             self.verify_file(record)
         return self.path_of(TOKENIZER_DIR) if self.manifest.tokenizer else None
+
+    def check_source(self, model_dir: Path) -> None:
+        """Raise `SourceMismatchError` naming every file of `model_dir` that is not what this artifact
+        was converted from: config.json against `source.config_sha256`, each tokenizer file against
+        its copy's record (a file only one side has is a difference too)."""
+        model_dir = Path(model_dir)
+        recorded = {Path(r.path).name: r.sha256 for r in self.manifest.tokenizer}
+        expected = {"config.json": self.manifest.source.config_sha256, **recorded}
+        problems = []
+        for name in ("config.json", *TOKENIZER_FILES):
+            path = model_dir / name
+            found = sha256_of(path) if path.is_file() else None
+            want = expected.get(name)
+            if found == want:
+                continue
+            if found is None:
+                problems.append(f"{path}: missing, the artifact was converted with one (SHA-256 {want[:16]}...)")
+            elif want is None:
+                problems.append(f"{path}: present, the artifact was converted without it")
+            else:
+                problems.append(f"{path}: SHA-256 {found[:16]}... differs from the artifact's {want[:16]}...")
+        if problems:
+            raise SourceMismatchError(f"{self.root} was not converted from {model_dir}: " + "; ".join(problems))
 
     def verify_file(self, record: FileRecord) -> None:
         digest = sha256_of(self.path_of(record.path))

@@ -3,7 +3,7 @@
     python -m convert --model-dir SRC --out DST [--dtype fp32|fp16|int8] [--tiers T] [--buckets 16,64]
                       [--max-context N] [--force] [--quiet]
     python -m convert inspect DST [--blocks]
-    python -m convert verify DST
+    python -m convert verify DST [--source SRC]
     python -m convert query DST (--tensor NAME | --expert LAYER EXPERT)
 
 `--tiers` is a name from conf/tiers (`default`, `fine`, `coarse`: the Hydra tiers group), a YAML
@@ -95,6 +95,9 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("artifact", type=Path, help="artifact directory")
     if command == "inspect":
         parser.add_argument("--blocks", action="store_true", help="also list every expert block")
+    if command == "verify":
+        parser.add_argument("--source", type=Path,
+                            help="the HF checkpoint it was converted from: check its config.json and tokenizer files too")
     if command == "query":
         which = parser.add_mutually_exclusive_group(required=True)
         which.add_argument("--tensor", help="dense tensor name, e.g. embed or layers.0.q_proj")
@@ -199,15 +202,21 @@ def inspect(args) -> int:
 
 
 def verify(args) -> int:
-    from artifact.reader import ChecksumError
+    from artifact.reader import ChecksumError, SourceMismatchError
 
     artifact = _open(args.artifact, "none")
     m = artifact.manifest
     failures = []
-    for record in [g.file for g in m.graphs] + [m.dense.file]:
+    records = [g.file for g in m.graphs] + [m.dense.file, *m.tokenizer]
+    for record in records:
         try:
             artifact.verify_file(record)
         except ChecksumError as err:
+            failures.append(str(err))
+    if args.source is not None:
+        try:
+            artifact.check_source(args.source)
+        except SourceMismatchError as err:
             failures.append(str(err))
     from tqdm import tqdm
 
@@ -218,12 +227,13 @@ def verify(args) -> int:
             except ChecksumError as err:
                 failures.append(str(err))
             bar.update(1)
-    files = len(m.graphs) + 1
+    files = len(records)
     if failures:
         print("\n".join(failures))
         print(f"FAILED: {len(failures)} of {files} files and {len(m.experts.blocks)} expert blocks")
         return 1
-    print(f"OK: {files} files and {len(m.experts.blocks)} expert blocks match their SHA-256")
+    source = f"; {args.source}'s config.json and tokenizer files are the converted ones" if args.source else ""
+    print(f"OK: {files} files and {len(m.experts.blocks)} expert blocks match their SHA-256{source}")
     return 0
 
 

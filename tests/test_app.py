@@ -7,6 +7,7 @@ output directory is a temporary one, so nothing is written into the home directo
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -452,3 +453,27 @@ def test_summary_reads_streamed_bytes_and_plots_against_the_budget(tmp_path):
     svg = ET.parse(tmp_path / "summary.svg").getroot()
     assert len(svg.findall("{http://www.w3.org/2000/svg}polyline")) == 2  # both panels drawn
     assert "| 2 " in text
+
+
+def test_ctrl_c_while_generating_exits_cleanly_with_130(demo, tmp_path):
+    """SIGINT once graphs run and the prefetch thread streams (MindSpore's own handler would end the
+    process with 143 and no message; app/interrupts.py takes SIGINT first)."""
+    cache, _ = demo
+    command = [sys.executable, str(REPO / "run.py"), "max_new_tokens=400", "placement.expert_budget_gb=0.02",
+               "placement.prefetch=true", f"hydra.run.dir={tmp_path / 'out'}"]
+    env = {**os.environ, "FERRY_ARTIFACT_CACHE": str(cache / "artifacts"), "PYTHONPATH": str(REPO),
+           "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    seen = []
+    for line in process.stdout:  # the rule printed just before the generated text
+        seen.append(line)
+        if line.startswith("-----"):
+            break
+    else:
+        pytest.fail("run.py ended before generating: " + "".join(seen)[-2000:] + process.stderr.read()[-2000:])
+    process.stdout.read(1)  # the first streamed text: decode has started
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, (out + err)[-3000:]
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in out + err, (out + err)[-3000:]

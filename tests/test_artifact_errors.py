@@ -137,6 +137,24 @@ def test_corrupted_expert_block_names_layer_and_expert(artifact, capsys):
     assert "layer 2, expert 5" in printed and "FAILED: 1 of" in printed
 
 
+def test_verify_against_the_source_names_each_changed_file(artifact, source, tmp_path, capsys):
+    assert cli(["verify", str(artifact), "--source", str(source[0])]) == 0
+    assert "config.json and tokenizer files are the converted ones" in capsys.readouterr().out
+    edited = tmp_path / "edited"
+    shutil.copytree(source[0], edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["text_config"]["rope_parameters"]["rope_theta"] = 1234.0
+    (edited / "config.json").write_text(json.dumps(config))
+    (edited / "tokenizer_config.json").unlink()
+    (edited / "chat_template.jinja").write_text("{{ messages }}")
+    assert cli(["verify", str(artifact), "--source", str(edited)]) == 1
+    printed = capsys.readouterr().out
+    assert f"{edited / 'config.json'}: SHA-256" in printed
+    assert f"{edited / 'tokenizer_config.json'}: missing, the artifact was converted with one" in printed
+    assert f"{edited / 'chat_template.jinja'}: present, the artifact was converted without it" in printed
+    assert "FAILED" in printed
+
+
 def test_graphs_of_other_kernels_are_refused_by_name(artifact):
     """Graphs that call another version of Ferry's CPU kernels (or none are buildable) are refused
     before MindSpore tries to load them."""
@@ -275,6 +293,34 @@ def test_killed_convert_leaves_no_artifact_and_the_next_one_cleans_up(source, tm
         Artifact.open(stale)
     convert(source[0], out, OPTIONS, progress=False)  # the dead process's directory is removed
     assert [p.name for p in tmp_path.iterdir()] == ["killed"]
+
+
+@pytest.mark.slow
+def test_convert_killed_at_random_moments_leaves_nothing_that_looks_like_an_artifact(source, tmp_path):
+    """kill -9 at seeded random moments from start-up to the last rename (fractions of a full convert's
+    measured wall time): the output either does not exist or is a whole artifact that verifies, no
+    leftover has a manifest, and the next convert into the same place succeeds and clears the leftovers."""
+    def command(out):
+        return [sys.executable, "-m", "convert", "--model-dir", str(source[0]), "--out", str(out), "--quiet",
+                "--tiers", "1x2,4x2", "--buckets", "16", "--max-context", "32"]
+
+    start = time.monotonic()
+    subprocess.run(command(tmp_path / "whole"), cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    full = time.monotonic() - start
+    rng = np.random.default_rng(13)
+    for i, fraction in enumerate(rng.uniform(0.3, 1.0, 4)):
+        out = tmp_path / f"killed-{i}"
+        process = subprocess.Popen(command(out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(fraction * full)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if out.exists():  # killed after its final rename
+            Artifact.open(out, verify="full")
+        for stale in tmp_path.glob(f"killed-{i}.tmp-*"):
+            assert not (stale / "manifest.json").exists(), f"kill at {fraction:.2f} of a convert left {stale} with a manifest"
+        convert(source[0], out, OPTIONS, progress=False, force=True)
+        assert sorted(p.name for p in tmp_path.glob(f"killed-{i}*")) == [out.name]
+        Artifact.open(out, verify="full")
 
 
 def test_existing_output_needs_force(source, tmp_path):

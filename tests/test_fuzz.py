@@ -7,6 +7,8 @@ demo: a case that validation lets through runs the model (1 token), which is slo
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
@@ -77,3 +79,59 @@ def check(key: str, value: str, status: int, stderr: str) -> None:
 def test_one_bad_override(conf_dir, cache, key, value):
     status, stderr = run([f"{key}={value}"], cache)
     check(key, value, status, stderr)
+
+
+SECTIONS = {"": "max_new_tokens", "sampling": "temperature", "placement": "policy", "device": "memory_gb",
+            "model": "default_prompt"}
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(section=st.sampled_from(sorted(SECTIONS)), name=st.one_of(
+    st.sampled_from(sorted(SECTIONS.values())).map(lambda s: s[:-1] + "x" if len(s) > 3 else s + "x"),  # typos
+    st.from_regex(r"[a-z][a-z_]{0,11}", fullmatch=True)), value=st.sampled_from(["1", "0.5", "abc", "null"]))
+def test_an_added_unknown_setting_is_refused_by_name(conf_dir, cache, section, name, value):
+    """`+section.name=value` for a name no config file defines: refused (it would be ignored silently)."""
+    key = f"{section}.{name}" if section else name
+    if name in app_main.settings.known_settings(CONF, app_main.GROUPS).get(section, ()):
+        return  # a real setting; the other tests cover values
+    status, stderr = run([f"+{key}={value}"], cache)
+    assert status == 2, f"+{key}={value}: status {status}\n{stderr}"
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [line for line in stderr.splitlines() if line.strip()] and len(errors) == 1, stderr
+    assert f"unknown setting '{key}'" in errors[0], errors[0]
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=st.tuples(st.sampled_from(NUMERIC + CHOICE), st.sampled_from(NEVER_VALID + SOMETIMES)),
+       second=st.tuples(st.sampled_from(NUMERIC + CHOICE), st.sampled_from(NEVER_VALID + SOMETIMES)))
+def test_two_bad_overrides_at_once(conf_dir, cache, first, second):
+    """Two overrides together: the run refuses with one error line naming one of them, or runs when both
+    are acceptable (never a value from NEVER_VALID, never a traceback)."""
+    if first[0] == second[0]:
+        return
+    status, stderr = run([f"{first[0]}={first[1]}", f"{second[0]}={second[1]}"], cache)
+    if status == 0:
+        for key, value in (first, second):
+            check(key, value, 0, stderr)
+        return
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert status in (1, 2) and len(errors) == 1, f"{first} {second}: status {status}\n{stderr}"
+    named = [key for key, _ in (first, second) if key.split(".")[-1] in errors[0] or key.split(".")[0] in errors[0]]
+    assert named, f"{first} {second}: the error names neither: {errors[0]}"
+
+
+@pytest.mark.parametrize("override, named", [
+    ("nonsense=1", "nonsense"),                    # a key that is not there, without '+'
+    ("sampling.temprature=0.5", "temprature"),     # a typo, without '+'
+    ("tiers=nope", "nope"),                        # a group option that does not exist
+    ("prefill_buckets={}", "prefill_buckets"),     # a mapping where a list is
+    ("max_new_tokens=[1", "'[1'"),                # not the override grammar: Hydra quotes the bad input
+])
+def test_hydra_refuses_what_it_cannot_compose_without_a_traceback(override, named):
+    """These fail in Hydra's composition, before Ferry sees the config: Hydra's own message names the
+    key, status 1, and no traceback (run.py as a user starts it)."""
+    proc = subprocess.run([sys.executable, str(CONF.parent / "run.py"), override, "mode=plan"], cwd=CONF.parent,
+                          capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-2000:]
+    assert named in output and "Traceback" not in output, output[-2000:]
