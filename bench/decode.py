@@ -5,8 +5,9 @@
 
 The checkpoint (`bench.realwidth`, BF16, random weights) is converted once per storage dtype
 (fp32, fp16, int8) to an artifact, as `run.py` would convert it. For each dtype Ferry decodes with
-every expert resident and with a pool of `--fraction` of the experts (LRU, prefetch on, blocks
-streamed from the artifact's experts.bin); transformers eager decodes the same checkpoint with the
+every expert resident and with a pool of `--fraction` of the experts (`--policy`, decayed frequency
+by default, prefetch of `--prefetch-limit` experts per layer, blocks streamed from the artifact's
+experts.bin); transformers eager decodes the same checkpoint with the
 same thread count and prompt. Printed per contender: ms per token, MB a decode token reads (dense
 FP32 weights, its top-k experts per layer in the storage dtype, head, KV cache), MB streamed per
 token, and the bandwidth bound (bytes read / the best read bandwidth measured in this run).
@@ -72,7 +73,8 @@ def timed_decode(engine, prompt: list[int], tokens: int, on_prefill=None) -> tup
     return out, time.perf_counter() - start
 
 
-def ferry_worker(artifact: Path, spec, prompt: list[int], tokens: int, threads: int, fraction: float | None) -> dict:
+def ferry_worker(artifact: Path, spec, prompt: list[int], tokens: int, threads: int, fraction: float | None,
+                 policy: str, prefetch_limit: int | None) -> dict:
     """Ferry over the artifact, every expert resident (fraction None) or a pool of that fraction."""
     from bench.measure import TimedGraphs
     from offload.residence import Residence
@@ -81,8 +83,8 @@ def ferry_worker(artifact: Path, spec, prompt: list[int], tokens: int, threads: 
 
     configure(threads=threads)
     total = spec.num_layers * spec.num_experts
-    residence = None if fraction is None else Residence(int(fraction * total), total, "lru", prefetch=True)
-    engine = engine_from_artifact(artifact, residence)
+    residence = None if fraction is None else Residence(int(fraction * total), total, policy, prefetch=True)
+    engine = engine_from_artifact(artifact, residence, prefetch_limit=prefetch_limit)
     timed = TimedGraphs(engine.graphs)  # per-kind graph time: wrap the engine's and the dispatcher's launches
     engine.graphs = timed
     engine.dispatcher.groups = [timed.timed("experts", group) for group in engine.dispatcher.groups]
@@ -146,6 +148,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="every contender runs this many times, taking turns")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="expert storage dtypes, comma separated")
     parser.add_argument("--fraction", type=float, default=0.25, help="expert budget as a fraction of all experts")
+    parser.add_argument("--policy", default="decay", help="eviction policy of the slot pool")
+    parser.add_argument("--prefetch-limit", type=int, help="experts prefetched per layer (default: top-k)")
     parser.add_argument("--worker", choices=["ferry", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--artifact", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--pool", type=float, help=argparse.SUPPRESS)
@@ -153,7 +157,8 @@ def main() -> None:
     checkpoint, spec = bench_model(args)
     prompt = prompt_ids(args.prompt, spec.vocab_size, args.model)
     if args.worker == "ferry":
-        print(json.dumps(ferry_worker(args.artifact, spec, prompt, args.tokens, args.threads, args.pool)))
+        print(json.dumps(ferry_worker(args.artifact, spec, prompt, args.tokens, args.threads, args.pool,
+                                      args.policy, args.prefetch_limit)))
         return
     if args.worker == "transformers":
         print(json.dumps(transformers_worker(checkpoint, prompt, args.tokens, args.threads)))
@@ -168,7 +173,8 @@ def main() -> None:
     artifacts = {dtype: bench_artifact(checkpoint, dtype) for dtype in dtypes}
     block = {dtype: Artifact.open(path, verify="none").manifest.experts.block_bytes for dtype, path in artifacts.items()}
     common = ["--layers", str(args.layers), *(["--model", str(args.model)] if args.model else []), "--prompt", str(args.prompt), "--tokens", str(args.tokens),
-              "--threads", str(args.threads)]
+              "--threads", str(args.threads), "--policy", args.policy,
+              *(["--prefetch-limit", str(args.prefetch_limit)] if args.prefetch_limit else [])]
     contenders = [("transformers", None, None)] + [(dtype, pool, artifacts[dtype]) for dtype in dtypes
                                                    for pool in (None, args.fraction)]
     runs = {(name, pool): [] for name, pool, _ in contenders}
@@ -192,11 +198,11 @@ def main() -> None:
     print(f"medians of {args.rounds} rounds, contenders taking turns; measured read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s (best of {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)})")
     print()
-    head = (f"{'':34s}{'ms/token':>9s}{'tok/s':>7s}{'MB read':>9s}{'bound ms':>9s}{'x bound':>8s}{'x hf':>6s}"
+    head = (f"{'':44s}{'ms/token':>9s}{'tok/s':>7s}{'MB read':>9s}{'bound ms':>9s}{'x bound':>8s}{'x hf':>6s}"
             f"{'MB strm':>8s}{'hit%':>6s}{'stall':>6s}")
     print(head)
     hf_bytes = decode_bytes_per_token(spec, read_context)
-    print(f"{'transformers eager (fp32)':34s}{hf['ms_per_token']:9.1f}{1e3 / hf['ms_per_token']:7.2f}"
+    print(f"{'transformers eager (fp32)':44s}{hf['ms_per_token']:9.1f}{1e3 / hf['ms_per_token']:7.2f}"
           f"{hf_bytes / 1e6:9.0f}{hf_bytes / bandwidth * 1e3:9.1f}"
           f"{hf['ms_per_token'] / (hf_bytes / bandwidth * 1e3):8.2f}{1.0:6.2f}")
     for dtype in dtypes:
@@ -205,10 +211,10 @@ def main() -> None:
         resident = median_run(runs[dtype, None])
         for pool in (None, args.fraction):
             run = median_run(runs[dtype, pool])
-            name = f"ferry {dtype}, " + ("all experts resident" if pool is None else f"{pool:.0%} in slots, prefetch")
+            name = f"ferry {dtype}, " + ("all experts resident" if pool is None else f"{pool:.0%} in slots, {args.policy}, prefetch")
             streamed = "" if pool is None else (f"{run['mb_streamed_per_token']:8.0f}{100 * run['hit_rate']:6.0f}"
                                                 f"{100 * run['stall_fraction']:5.0f}%")
-            print(f"{name:34s}{run['ms_per_token']:9.1f}{1e3 / run['ms_per_token']:7.2f}{read / 1e6:9.0f}"
+            print(f"{name:44s}{run['ms_per_token']:9.1f}{1e3 / run['ms_per_token']:7.2f}{read / 1e6:9.0f}"
                   f"{bound_ms:9.1f}{run['ms_per_token'] / bound_ms:8.2f}{hf['ms_per_token'] / run['ms_per_token']:6.2f}"
                   f"{streamed}")
             assert all(r["ids"] == resident["ids"] for r in runs[dtype, pool]), \
@@ -219,6 +225,10 @@ def main() -> None:
         per_round = [h["ms_per_token"] / f["ms_per_token"] for f, h in zip(fp32, runs["transformers", None])]
         print(f"ferry fp32 resident / transformers speed per round: {', '.join(f'{r:.2f}x' for r in per_round)} "
               f"(median {statistics.median(per_round):.2f}x)")
+    for dtype in dtypes:
+        per_round = [r["ms_per_token"] / s["ms_per_token"] for r, s in zip(runs[dtype, None], runs[dtype, args.fraction])]
+        print(f"ferry {dtype} with {args.fraction:.0%} in slots / resident speed per round: "
+              f"{', '.join(f'{r:.0%}' for r in per_round)} (median {statistics.median(per_round):.0%})")
     for dtype in dtypes:
         run = median_run(runs[dtype, None])
         graph = run["graph_ms_per_token"]

@@ -77,8 +77,9 @@ class Recording:
     predicted: list[list[list[int]]]  # [step][layer] -> prefetch guess for that layer (empty for layer 0)
 
 
-def record(engine, predictor: RouterPredictor, drive: Callable[[], object]) -> Recording:
-    """Call `drive()`, which runs the engine, recording each decode step's routing and next-layer guesses."""
+def record(engine, predictor: RouterPredictor, drive: Callable[[], object], limit: int | None = None) -> Recording:
+    """Call `drive()`, which runs the engine, recording each decode step's routing and next-layer guesses
+    (`limit` experts each, most likely first; default top-k), so replays can prefetch any prefix of them."""
     spec = engine.spec
     rec = Recording([], [])
     original = engine.dispatcher.run
@@ -90,7 +91,7 @@ def record(engine, predictor: RouterPredictor, drive: Callable[[], object]) -> R
                 rec.predicted.append([[] for _ in range(spec.num_layers)])
             rec.experts[-1][layer] = sorted(set(int(e) for e in experts.ravel()))
             if layer + 1 < spec.num_layers:
-                rec.predicted[-1][layer + 1] = predictor.predict(layer + 1, x, spec.num_experts_per_tok)
+                rec.predicted[-1][layer + 1] = predictor.predict(layer + 1, x, limit or spec.num_experts_per_tok)
         return original(layer, x, weights, experts)
 
     engine.dispatcher.run = recording
@@ -114,8 +115,9 @@ def decode_tokens(engine, decode: int, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def replay(rec: Recording, policy: str, slots: int, prefetch: bool) -> tuple[int, int]:
-    """(blocks copied, demand misses) replaying the decode trace through a pool of `slots`."""
+def replay(rec: Recording, policy: str, slots: int, prefetch: int) -> tuple[int, int]:
+    """(blocks copied, demand misses) replaying the decode trace through a pool of `slots`, prefetching
+    the first `prefetch` guesses for the next layer (0: no prefetch)."""
     requests = [(layer, e) for step in rec.experts for layer, experts in enumerate(step) for e in experts]
     kwargs = {"trace": requests} if policy == "belady" else {}
     pool = SlotPool(slots, make_policy(policy, **kwargs), load=lambda key, slot: None)
@@ -123,30 +125,41 @@ def replay(rec: Recording, policy: str, slots: int, prefetch: bool) -> tuple[int
         for layer, experts in enumerate(step):
             pool.acquire([(layer, e) for e in experts])
             if prefetch and layer + 1 < len(step):
-                for e in guesses[layer + 1]:
+                for e in guesses[layer + 1][:prefetch]:
                     pool.prefetch((layer + 1, e))
     return pool.counters.loads, pool.counters.misses
 
 
-def part_one(rec: Recording, spec: ModelSpec, budgets: list[int], block: int) -> None:
+def recall(rec: Recording, limit: int) -> float:
+    """Share of the experts routed to (layers 1..L-1) that the first `limit` guesses named."""
+    hits = sum(len(set(g[:limit]) & set(e)) for s, p in zip(rec.experts, rec.predicted) for e, g in zip(s[1:], p[1:]))
+    return hits / max(sum(len(e) for s in rec.experts for e in s[1:]), 1)
+
+
+def part_one(rec: Recording, spec: ModelSpec, budgets: list[int], block: int, limits: tuple[int, ...] = ()) -> None:
+    """Replays at every budget without prefetch and prefetching each of `limits` guesses per layer
+    (default: top-k)."""
     tokens = len(rec.experts)
     total = spec.num_layers * spec.num_experts
+    limits = limits or (spec.num_experts_per_tok,)
     print(f"\n== Part 1: trace replay, {tokens} decode tokens x {spec.num_layers} layers, {total} expert blocks "
           f"of {block / 2**20:.2f} MiB ==")
-    print("MB streamed per decoded token (ratio to Belady at the same budget and prefetch setting; prefetch adds")
-    print("the copies of wrong guesses, so its rows stream more bytes and stall less: see part 2)")
-    head = f"{'slots':>6} {'GiB':>6} {'prefetch':>8} " + " ".join(f"{p:>15}" for p in POLICIES)
+    print("MB streamed per decoded token (ratio to Belady without prefetch at the same budget; prefetch adds the")
+    print("copies of wrong guesses, so its rows stream more bytes and stall less: 'miss' is the demand misses,")
+    print("the copies a launch waits for, as a ratio to Belady's)")
+    head = f"{'slots':>6} {'GiB':>6} {'prefetch':>8} " + " ".join(f"{p:>22}" for p in POLICIES)
     print(head)
     for slots in budgets:
-        for prefetch in (False, True):
-            loads = {p: replay(rec, p, slots, prefetch)[0] for p in POLICIES}
-            base = loads["belady"] or 1
-            cells = " ".join(f"{loads[p] * block / tokens / 1e6:8.1f} ({loads[p] / base:4.2f})" for p in POLICIES)
-            print(f"{slots:>6} {slots * block / 2**30:>6.2f} {'on' if prefetch else 'off':>8} {cells}")
-    hits = sum(len(set(g) & set(e)) for s, p in zip(rec.experts, rec.predicted) for e, g in zip(s[1:], p[1:]))
-    guesses = sum(len(g) for p in rec.predicted for g in p[1:])
-    print(f"prefetch guesses (next router on this layer's input, top-{spec.num_experts_per_tok}): "
-          f"{100 * hits / max(guesses, 1):.0f}% of guessed experts were routed to")
+        base = replay(rec, "belady", slots, 0)[0] or 1
+        for prefetch in (0, *limits):
+            runs = {p: replay(rec, p, slots, prefetch) for p in POLICIES}
+            cells = " ".join(f"{loads * block / tokens / 1e6:8.1f} ({loads / base:4.2f} miss {misses / base:4.2f})"
+                             for loads, misses in runs.values())
+            print(f"{slots:>6} {slots * block / 2**30:>6.2f} {prefetch or 'off':>8} {cells}")
+    for limit in limits:
+        print(f"prefetch of {limit} guesses per layer (next router on this layer's input): they name "
+              f"{100 * recall(rec, limit):.0f}% of the experts the next layer routes to "
+              f"({100 * recall(rec, limit) * spec.num_experts_per_tok / limit:.0f}% of the guesses are used)")
 
 
 def part_two(artifact: Path, spec: ModelSpec, budgets: list[int], decode: int) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from artifact.reader import Artifact  # noqa: E402
-from bench.offload import Recording, part_one, record  # noqa: E402
+from bench.offload import Recording, part_one, recall, record  # noqa: E402
 from bench.realwidth import bench_artifact  # noqa: E402
 from app.plan import expert_block_bytes  # noqa: E402
 from offload.policies import make_policy  # noqa: E402
@@ -91,12 +91,6 @@ class BothGuesses:
     def predict(self, layer: int, x: np.ndarray, limit: int) -> list[int]:
         self.lookahead_guesses.append(self.lookahead.predict(layer, x, limit))
         return self.plain.predict(layer, x, limit)
-
-
-def guess_accuracy(rec: Recording, guesses: list[list[list[int]]]) -> float:
-    """Share of guessed experts (layers 1..L-1) the router then chose."""
-    hits = sum(len(set(g) & set(e)) for s, p in zip(rec.experts, guesses) for e, g in zip(s[1:], p[1:]))
-    return hits / max(sum(len(g) for p in guesses for g in p[1:]), 1)
 
 
 def teacher_forced(engine, segments: list[list[int]]) -> None:
@@ -217,11 +211,13 @@ def main() -> None:
     artifact = bench_artifact(args.model, "fp32")
     dense = Artifact.open(artifact)
     spec = dense.spec
+    k = spec.num_experts_per_tok
+    limits = (k, k + k // 4, k + k // 2)  # prefetch widths replayed: top-k, and wider guesses
     predictor = BothGuesses([dense.layer_weights(i) for i in range(spec.num_layers)], spec.num_experts_per_tok)
     engine = engine_from_artifact(artifact)
     start = time.perf_counter()
     try:
-        rec = record(engine, predictor, lambda: teacher_forced(engine, segments))
+        rec = record(engine, predictor, lambda: teacher_forced(engine, segments), max(limits))
     finally:
         engine.close()
     print(f"{args.model}: {spec.num_layers} layers, {spec.num_experts} experts top-{spec.num_experts_per_tok}; "
@@ -233,9 +229,9 @@ def main() -> None:
     hit_curve(sets, spec.num_experts)
     total = spec.num_layers * spec.num_experts
     print("\n== 3. One slot pool over all layers (Ferry's), FP32 blocks ==", end="")
-    part_one(rec, spec, [total // 16, total // 8, total // 4, total // 2], expert_block_bytes(spec, "fp32"))
-    print(f"prefetch guesses with the lookahead routers (norm scales folded in): "
-          f"{100 * guess_accuracy(rec, lookahead):.0f}% (plain routers: {100 * guess_accuracy(rec, rec.predicted):.0f}%)")
+    part_one(rec, spec, [total // 16, total // 8, total // 4, total // 2], expert_block_bytes(spec, "fp32"), limits)
+    print(f"{k} guesses of the lookahead routers (norm scales folded in) name "
+          f"{100 * recall(Recording(rec.experts, lookahead), k):.0f}% (plain routers: {100 * recall(rec, k):.0f}%)")
     precision(args.model, segments, args.greedy, args.length)
 
 

@@ -29,13 +29,16 @@ class RouterPredictor:
         self.top_k = top_k
 
     def predict(self, layer: int, x: np.ndarray, limit: int) -> list[int]:
-        """Up to `limit` experts layer `layer`'s router would pick for tokens x [N, H], most-picked first."""
+        """`limit` experts for layer `layer` given tokens x [N, H]: the ones its router would pick, most
+        picked first, then the rest by their strongest logit (a guess wider than top-K names the
+        experts the router nearly picked: on the trained demo, 8 guesses per token name 78% of the
+        next layer's experts, 10 name 85%; `python bench/routing.py`)."""
         logits = x @ self.routers[layer].T  # [N, E]; softmax keeps the order, so top-K of logits
         top = np.argpartition(-logits, self.top_k - 1, axis=1)[:, : self.top_k]  # [N, K]
         counts = np.bincount(top.ravel(), minlength=logits.shape[1])  # [E]
         best = logits.max(axis=0)  # [E]: ties in counts go to the strongest single preference
         order = np.lexsort((-best, -counts))
-        return [int(e) for e in order[: min(limit, int((counts > 0).sum()))]]
+        return [int(e) for e in order[:limit]]
 
 
 class Prefetcher:

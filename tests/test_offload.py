@@ -429,10 +429,11 @@ def test_prefetcher_guesses_next_layer_and_reports_failure():
     calls = []
     prefetcher = Prefetcher(RouterPredictor(routers, 1), lambda layer, experts: calls.append((layer, experts)), 2,
                             limit=2)
-    prefetcher.hint(0, np.array([[0.0, 0.0, 1.0]], np.float32))  # layer 1's router picks expert 3
+    # layer 1's logits [0, 0, 0.5, 1]: its router picks expert 3; the second guess is the runner-up, 2
+    prefetcher.hint(0, np.array([[0.0, 0.5, 1.0]], np.float32))
     prefetcher.hint(1, np.ones((1, 3), np.float32))  # the last layer: nothing after it
     prefetcher.drain()
-    assert calls == [(1, [3])]
+    assert calls == [(1, [3, 2])]
     prefetcher.close()
 
     def broken(layer, experts):
