@@ -57,12 +57,14 @@ def counters(engine, streamed: bool) -> dict:
               "padding": c.padding[i]} for i, t in enumerate(engine.dispatcher.tiers)]
     offload = engine.dispatcher.stats.to_dict() if streamed else None
     routed = sum(c.tokens) + c.host_tokens  # every (token, expert) row, on the device or the host
-    return {"dispatch": {"tiers": tiers, "expert_tokens": routed}, "offload": offload}
+    return {"dispatch": {"tiers": tiers, "expert_tokens": routed}, "offload": offload,
+            "crossings": engine.dispatcher.crossings.to_dict()}
 
 
 def reset_counters(engine) -> None:
     """After the warm-up: count the measured run alone (slots it loaded stay loaded)."""
     engine.dispatcher.stats.reset()
+    engine.dispatcher.crossings.reset()
 
 
 def reset_peak_rss() -> None:
@@ -296,9 +298,9 @@ def convert_options(r: Run):
         raise ConfigError(f"convert options from tiers, prefill_buckets and max_context: {err}") from None
 
 
-def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
-    """Generate, streaming the text unless quiet (a multirun job); return the run's record and the
-    offload controller's per-layer table when it ran."""
+def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str]:
+    """Generate, streaming the text unless quiet (a multirun job); return the run's record and its
+    tables: the offload controller's per layer when it ran, and the ledger of crossings."""
     started = time.perf_counter()
     say = silent if quiet else print
     if r.device.backend != "CPU":
@@ -406,7 +408,8 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
         "decode_s": result.decode_time, "decode_tokens_per_s": result.decode_tokens_per_s,
         "generated_tokens": len(result.token_ids), "wall_s": time.perf_counter() - started,
     }
-    table = engine.dispatcher.stats.table() if streamed else None
+    tables = [engine.dispatcher.stats.table()] if streamed else []
+    tables = "\n".join(tables + [engine.dispatcher.crossings.table()])
     return {
         "model": {"name": r.model.name, "path": str(model_dir) if model_dir else None,
                   "artifact": str(artifact), "demo": r.model.kind == "demo", "spec": r.spec.to_dict()},
@@ -421,10 +424,10 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str | None]:
         "notes": notes, "prompt_origin": source.origin, "prompt_ids": ids, "generated_ids": result.token_ids, "text": out_text,
         "stopped_on_eos": result.stopped_on_eos, "timings": timings, "counters": counters(engine, streamed),
         "plan": plan.to_dict(), "memory": {"planned_bytes": plan.total, "peak_rss_bytes": peak},
-    }, table
+    }, tables
 
 
-def report(record: dict, offload_table: str | None, cfg: DictConfig, quiet: bool) -> None:
+def report(record: dict, tables: str, cfg: DictConfig, quiet: bool) -> None:
     t = record["timings"]
     say = silent if quiet else print
     stop = "EOS" if record["stopped_on_eos"] else f"max_new_tokens={record['settings']['max_new_tokens']}"
@@ -436,12 +439,13 @@ def report(record: dict, offload_table: str | None, cfg: DictConfig, quiet: bool
         f"({memory['peak_rss_bytes'] / memory['planned_bytes']:.2f}x the plan; since the engine was built)")
     if record["counters"]["offload"] is None:
         say(counters_table(record["counters"]))
+        say(tables)
     else:
         offload = record["counters"]["offload"]
         warm = " (counted after the warm-up run: its experts are already in slots)" if cfg.warmup else ""
         say(f"offload   hit rate {100 * offload['hit_rate']:.1f}%, {offload['bytes_per_token'] / 2**20:.2f} MiB "
             f"streamed per token, stalled {100 * offload['stall_fraction']:.1f}% of launch time{warm}")
-        say(offload_table)
+        say(tables)
     output_dir, choices, overrides, multirun = hydra_context()
     record.update(choices=choices, overrides=overrides)
     written = []
@@ -464,8 +468,8 @@ def run(cfg: DictConfig) -> int:
     if cfg.mode == "plan":
         return plan_mode(r)
     multirun = hydra_context()[3]
-    record, offload_table = run_mode(cfg, r, quiet=multirun)
-    report(record, offload_table, cfg, quiet=multirun)
+    record, tables = run_mode(cfg, r, quiet=multirun)
+    report(record, tables, cfg, quiet=multirun)
     sys.stdout.flush()
     return 0
 

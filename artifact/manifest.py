@@ -20,10 +20,17 @@ from pathlib import Path, PurePosixPath
 
 from model.spec import CheckpointError, ModelSpec
 
+def kv_cache_rows(max_context: int, largest_launch: int) -> int:
+    """Rows of each KV cache: the context, plus room for a launch's padding rows, which the attention
+    graph writes (masked, and overwritten by the next launch) past the last real token."""
+    return max_context + largest_launch
+
+
 FORMAT = "ferry-artifact"
 DIGEST_KEY = "manifest_sha256"
-VERSION = 4  # 2: expert-group graphs take the real rows of each slot after x; 3: target, kernels, dense dtypes;
-# 4: the manifest carries its own digest, and the tokenizer files
+VERSION = 5  # 2: expert-group graphs take the real rows of each slot after x; 3: target, kernels, dense dtypes;
+# 4: the manifest carries its own digest, and the tokenizer files; 5: attention graphs write their keys and
+# values into the KV cache in place (`kv_cache_rows` rows) instead of returning them
 TOKENIZER_DIR = "tokenizer"
 # Copied from the checkpoint when present: an artifact alone can then take a text prompt and a chat.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")

@@ -95,9 +95,12 @@ def ferry_worker(artifact: Path, spec, prompt: list[int], tokens: int, threads: 
     def mark():
         timed.seconds.clear()
         marks.update(stats.to_dict()["total"])
+        engine.dispatcher.crossings.reset()
 
     ids, seconds = timed_decode(engine, prompt, tokens, on_prefill=mark)
     total_counts = stats.to_dict()["total"]
+    crossings = engine.dispatcher.crossings
+    beyond_blocks = tuple(k for k in crossings.kinds["decode"] if k != "expert block")
     engine.close()
     steps = tokens - 1
     asked = total_counts["hits"] + total_counts["misses"] - marks["hits"] - marks["misses"]
@@ -105,7 +108,9 @@ def ferry_worker(artifact: Path, spec, prompt: list[int], tokens: int, threads: 
             "graph_ms_per_token": {kind: s / steps * 1e3 for kind, s in timed.seconds.items()},
             "mb_streamed_per_token": (total_counts["bytes_streamed"] - marks["bytes_streamed"]) / steps / 1e6,
             "stall_fraction": (total_counts["stall_s"] - marks["stall_s"]) / seconds,
-            "hit_rate": (total_counts["hits"] - marks["hits"]) / asked if asked else 1.0}
+            "hit_rate": (total_counts["hits"] - marks["hits"]) / asked if asked else 1.0,
+            "crossing_bytes_per_token": crossings.per_token("decode", beyond_blocks),
+            "launches_per_token": crossings.launches["decode"] / crossings.tokens["decode"]}
 
 
 def transformers_worker(model_dir: Path, prompt: list[int], tokens: int, threads: int) -> dict:
@@ -238,7 +243,9 @@ def main() -> None:
         outside = run["ms_per_token"] - sum(graph.values())
         same = sum(a == b for a, b in zip(run["ids"], hf["ids"]))
         print(f"ferry {dtype} resident: ms per layer {parts}; head {graph.get('head', 0.0):.2f} ms, host work "
-              f"between launches {outside:.2f} ms per token; greedy tokens equal to transformers {same}/{len(hf['ids'])}")
+              f"between launches {outside:.2f} ms per token; greedy tokens equal to transformers {same}/{len(hf['ids'])}; "
+              f"{run['launches_per_token']:.0f} graph launches and {run['crossing_bytes_per_token'] / 1024:.1f} KiB "
+              f"between host and device per decode token, beyond streamed blocks (offload.crossings)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import numpy as np
 
 from model import names
 from artifact.dense import dense_dtype
-from artifact.manifest import FileRecord, GraphRecord, TensorSig, TierRecord
+from artifact.manifest import FileRecord, GraphRecord, TensorSig, TierRecord, kv_cache_rows
 from model.spec import ModelSpec
 from artifact.store import block_layout
 
@@ -78,12 +78,10 @@ def graph_plans(spec: ModelSpec, buckets: tuple[int, ...], tiers: tuple[TierReco
         plans.append(GraphPlan(f"head_t{t}", "head", t, None, (_f32(t, h), _f32(h), table), (_f32(t, v),)))
     if "full_attention" in spec.layer_types:
         weights = _layer_weights(spec, "full_attention", ATTENTION_WEIGHTS, target)
-        cache = _compute(target, s, kv, d)
+        cache = _compute(target, kv_cache_rows(s, max(sizes)), kv, d)  # updated in place
         for t in sizes:
-            new = _compute(target, t, kv, d)
             inputs = (_f32(t, h), _f32(t, p), _f32(t, p), cache, cache, _i32()) + weights
-            outputs = _moe_outputs(spec, t) + (new, new)
-            plans.append(GraphPlan(f"attention_t{t}", "attention", t, None, inputs, outputs))
+            plans.append(GraphPlan(f"attention_t{t}", "attention", t, None, inputs, _moe_outputs(spec, t)))
     if "linear_attention" in spec.layer_types:
         weights = _layer_weights(spec, "linear_attention", DELTANET_WEIGHTS, target)
         conv = _f32(spec.linear_conv_kernel_dim - 1, spec.conv_dim)
@@ -100,7 +98,7 @@ def graph_plans(spec: ModelSpec, buckets: tuple[int, ...], tiers: tuple[TierReco
     return plans
 
 
-def build_cell(plan: GraphPlan, spec: ModelSpec, max_context: int, expert_dtype: str, target: str = "cpu"):
+def build_cell(plan: GraphPlan, spec: ModelSpec, expert_dtype: str, target: str = "cpu"):
     """The Cell a plan exports (the same classes the eager engine runs); only a cpu artifact's expert
     groups call Ferry's CPU kernel."""
     from graphs.embed_head import Embedding, Head
@@ -112,7 +110,7 @@ def build_cell(plan: GraphPlan, spec: ModelSpec, max_context: int, expert_dtype:
     if plan.kind == "head":
         return Head(spec.rms_norm_eps)
     if plan.kind == "attention":
-        return AttentionLayer(spec, plan.tokens, max_context)
+        return AttentionLayer(spec, plan.tokens)
     if plan.kind == "deltanet":
         return DeltaNetLayer(spec, plan.tokens)
     group = {"fp32": ExpertGroup, "fp16": ExpertGroupFP16, "int8": ExpertGroupInt8}[expert_dtype]
@@ -130,19 +128,18 @@ def zero_inputs(signature: tuple[TensorSig, ...]) -> list:
 _EXPORTED: dict[tuple, bytes] = {}
 
 
-def export_graph(plan: GraphPlan, spec: ModelSpec, max_context: int, expert_dtype: str, root: Path,
-                 target: str = "cpu") -> GraphRecord:
+def export_graph(plan: GraphPlan, spec: ModelSpec, expert_dtype: str, root: Path, target: str = "cpu") -> GraphRecord:
     """Export one graph as `root / plan.path` and return its manifest record."""
     import mindspore as ms
     from runtime.graph_set import graph_spec  # the spec with fields no layer graph depends on blanked
 
     path = root / plan.path
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = (plan, graph_spec(spec), max_context, expert_dtype if plan.kind == "expert_group" else None, target)
+    key = (plan, graph_spec(spec), expert_dtype if plan.kind == "expert_group" else None, target)  # plan: shapes
     if key in _EXPORTED:
         path.write_bytes(_EXPORTED[key])
     else:
-        cell = build_cell(plan, spec, max_context, expert_dtype, target)
+        cell = build_cell(plan, spec, expert_dtype, target)
         ms.export(cell, *zero_inputs(plan.inputs), file_name=str(path.with_suffix("")), file_format="MINDIR")
         if not path.is_file():
             raise RuntimeError(f"mindspore.export did not write {path}")

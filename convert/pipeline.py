@@ -216,7 +216,7 @@ def _export_graphs(spec: ModelSpec, options: ConvertOptions, tmp: Path, progress
     records = []
     try:
         for plan in plans:
-            records.append(export_graph(plan, spec, options.max_context, options.dtype, tmp, options.target))
+            records.append(export_graph(plan, spec, options.dtype, tmp, options.target))
             bar.update(1, plan.name)
     finally:
         bar.close()

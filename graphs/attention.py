@@ -3,9 +3,12 @@
 Legend: T tokens in the launch, S cache capacity (max context), H hidden, N query heads,
 KV key/value heads, R = N / KV queries per KV head, D head dim, P rotary dims.
 
-The cache is an input, never rewritten here: the graph returns this launch's keys and values and
-the caller stores them at `cache_len`. Scores against the cache and against the new keys are
-computed separately, so the cache is read once and never concatenated (copied). A FP16 cache (the
+The caches are device tensors the graph updates in place: this launch's T keys and values are
+written at rows cache_len .. cache_len+T-1 (a scatter into the input; padding rows land past the
+last real token, masked, and the next launch overwrites them), so nothing of the cache crosses to
+the host. Scores against the cache's first `cache_len` rows and against the new keys are computed
+separately, so the cache is read once and never concatenated (copied); whether the read sees the
+rows this launch writes does not matter, since they are masked there. A FP16 cache (the
 `ascend_310p3` target) is multiplied in FP16 as it is, the queries and probabilities cast to it;
 softmax stays FP32.
 """
@@ -22,7 +25,7 @@ def rotate_half(x):
 
 
 class GatedAttention(nn.Cell):
-    def __init__(self, spec, tokens: int, cache_size: int):
+    def __init__(self, spec, tokens: int):
         super().__init__()
         self.eps = spec.rms_norm_eps
         self.heads = spec.num_attention_heads
@@ -32,14 +35,14 @@ class GatedAttention(nn.Cell):
         self.rotary = spec.rotary_dim
         self.scale = spec.head_dim ** -0.5
         self.tokens = tokens
-        self.cache_size = cache_size
         self.linear = Linear()
+        self.write = ops.ScatterNdUpdate()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.bmm = ops.BatchMatMul()
         # causal mask among the launch's own tokens: 0 where visible, -inf above the diagonal
         causal = np.triu(np.full((tokens, tokens), -np.inf, np.float32), 1)
         self.causal = Tensor(causal)  # [T, T]
-        self.cache_positions = Tensor(np.arange(cache_size, dtype=np.int32))  # [S]
+        self.offsets = Tensor(np.arange(tokens, dtype=np.int32).reshape(tokens, 1))  # [T, 1]
 
     def rope(self, x, cos, sin):
         """Rotate the first P dims of each head. x [T, heads, D], cos/sin [T, P]."""
@@ -69,14 +72,17 @@ class GatedAttention(nn.Cell):
         k_new = key.transpose(1, 0, 2)  # [KV, T, D]
         v_new = value.transpose(1, 0, 2)
 
-        old_visible = self.cache_positions < cache_len  # [S]
-        old_mask = ops.select(old_visible, ops.zeros_like(self.cache_positions).astype(ms.float32),
-                              ops.fill(ms.float32, (self.cache_size,), -np.inf))  # [S]
+        rows = k_cache.shape[0]  # S: the cache's rows (static)
+        positions = ops.arange(rows, dtype=ms.int32)  # [S]
+        old_mask = ops.select(positions < cache_len, ops.zeros((rows,), ms.float32),
+                              ops.fill(ms.float32, (rows,), -np.inf))  # [S]
         new_mask = ops.tile(self.causal, (r, 1))  # [R*T, T]
         scores_old = to_f32(self.bmm_t(q, k_old)) * self.scale + old_mask  # [KV, R*T, S]
         scores_new = to_f32(self.bmm_t(q, k_new)) * self.scale + new_mask  # [KV, R*T, T]
         probs = in_dtype_of(ops.softmax(ops.concat((scores_old, scores_new), -1), -1), v_cache)  # [KV, R*T, S+T]
-        out = to_f32(self.bmm(probs[..., : self.cache_size], v_old) + self.bmm(probs[..., self.cache_size :], v_new))
+        out = to_f32(self.bmm(probs[..., :rows], v_old) + self.bmm(probs[..., rows:], v_new))
         out = out.reshape(kv, r, t, d).transpose(2, 0, 1, 3).reshape(t, n * d)  # [T, N*D]
         out = out * ops.sigmoid(gate)
-        return self.linear(out, o_proj), key, value  # [T, H], [T, KV, D], [T, KV, D]
+        where = cache_len + self.offsets  # [T, 1] rows of this launch's tokens
+        written = (self.write(k_cache, where, key), self.write(v_cache, where, value))
+        return ops.depend(self.linear(out, o_proj), written)  # [T, H]; the caches updated

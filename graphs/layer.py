@@ -41,20 +41,18 @@ class MoEInput(nn.Cell):
 
 
 class AttentionLayer(nn.Cell):
-    """Full-attention layer. State: the KV cache (read only; new keys and values are returned)."""
+    """Full-attention layer. State: the KV cache, updated in place with this launch's keys and values."""
 
-    def __init__(self, spec, tokens: int, cache_size: int):
+    def __init__(self, spec, tokens: int):
         super().__init__()
         self.eps = spec.rms_norm_eps
-        self.attention = GatedAttention(spec, tokens, cache_size)
+        self.attention = GatedAttention(spec, tokens)
         self.moe_input = MoEInput(spec)
 
     def construct(self, h, cos, sin, k_cache, v_cache, cache_len, *w):
         x = rms_norm(h, w[0], self.eps)
-        mixed, key, value = self.attention(x, w[1], w[2], w[3], w[4], w[5], w[6], cos, sin, k_cache, v_cache,
-                                           cache_len)
-        partial, x_moe, weights, experts = self.moe_input(h, mixed, w[7], w[8], w[9], w[10], w[11], w[12])
-        return partial, x_moe, weights, experts, key, value
+        mixed = self.attention(x, w[1], w[2], w[3], w[4], w[5], w[6], cos, sin, k_cache, v_cache, cache_len)
+        return self.moe_input(h, mixed, w[7], w[8], w[9], w[10], w[11], w[12])
 
 
 class DeltaNetLayer(nn.Cell):

@@ -20,6 +20,7 @@ import numpy as np
 import mindspore as ms
 
 from offload.counters import LayerCounters, OffloadCounters
+from offload.crossings import Crossings
 from offload.placement import Placement, host_expert
 from offload.tiers import Launch, Tier, TierSet, plan_launches
 
@@ -40,7 +41,7 @@ class ExpertDispatcher:
 
     def __init__(self, spec, tiers: TierSet, weights: ExpertWeights, graphs: ExpertGroupGraphs,
                  placement: Placement | None = None, host_store=None, prefetcher=None,
-                 stats: OffloadCounters | None = None):
+                 stats: OffloadCounters | None = None, crossings: Crossings | None = None):
         self.spec = spec
         self.tiers = tiers
         self.weights = weights
@@ -54,6 +55,7 @@ class ExpertDispatcher:
         self.host_store = host_store
         self.prefetcher = prefetcher
         self.stats = stats or OffloadCounters.create(spec.num_layers, tiers)
+        self.crossings = crossings or Crossings()  # the engine's launches count theirs here too
         self._resident = getattr(weights, "is_resident", None)
 
     def run(self, layer: int, x: np.ndarray, weights: np.ndarray, experts: np.ndarray) -> np.ndarray:
@@ -129,8 +131,11 @@ class ExpertDispatcher:
         weights = self.weights.launch_weights(layer, experts)
         if hint:  # the layer's last launch has its slots: prefetching can no longer evict them
             self._hint(layer, x)
-        y = self.groups[launch.tier_index](ms.Tensor.from_numpy(buffer), ms.Tensor.from_numpy(counts),
-                                           *weights).asnumpy()  # [G, C, H]
+        crossings = self.crossings
+        y = crossings.to_host("expert output", self.groups[launch.tier_index](
+            crossings.to_device("expert input", buffer), crossings.to_device("expert input", counts),
+            *weights))  # [G, C, H]
+        crossings.launched()
         for g, piece_rows in enumerate(rows):
             out[piece_rows // k] += y[g, : len(piece_rows)] * scale[piece_rows, None]
         carried = sum(len(r) for r in rows)

@@ -39,6 +39,7 @@ import numpy as np
 import mindspore as ms
 
 from offload.counters import OffloadCounters
+from offload.crossings import Crossings
 from offload.policies import EvictionPolicy, Key
 from offload.slots import SlotPool
 
@@ -101,8 +102,10 @@ class OffloadedExperts:
     """`ExpertWeights` provider over `num_slots` device slots filled from `store`."""
 
     def __init__(self, store: BlockSource, num_slots: int, policy: EvictionPolicy,
-                 counters: OffloadCounters | None = None, record_requests: bool = False):
+                 counters: OffloadCounters | None = None, record_requests: bool = False,
+                 crossings: Crossings | None = None):
         self.store = store
+        self.crossings = crossings or Crossings()
         self.num_slots = num_slots
         self.block_bytes = store.block_bytes
         self.parts = len(store.parts)
@@ -214,6 +217,7 @@ class OffloadedExperts:
 
     def _copy(self, key: Key, slot: int) -> None:
         self.store.read_into(key[0], key[1], self.buffer[slot])
+        self.crossings.copied("expert block", self.block_bytes)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

@@ -29,7 +29,7 @@ def engine_from_checkpoint(model_dir: str | Path, tiers: TierSet | None = None, 
     checkpoint = Checkpoint(model_dir)
     spec = checkpoint.spec
     experts = ResidentExperts([checkpoint.layer_experts(layer) for layer in range(spec.num_layers)])
-    graphs = CellGraphs(spec, max_context)
+    graphs = CellGraphs(spec)
     dispatcher = ExpertDispatcher(spec, tiers or default_tiers(spec), experts, graphs)
     return Engine(checkpoint, dispatcher, graphs, buckets, max_context)
 
@@ -74,6 +74,7 @@ def engine_from_artifact(artifact_dir: str | Path, residence: Residence | None =
 def _streaming_dispatcher(artifact, tiers: TierSet, graphs, residence: Residence, policy_kwargs, prefetch_limit,
                           record_requests, host_blas_threads) -> ExpertDispatcher:
     from offload.counters import OffloadCounters
+    from offload.crossings import Crossings
     from offload.offloaded import OffloadedExperts
     from offload.placement import limit_blas_threads, measure_costs, placement_from_config
     from offload.policies import make_policy
@@ -89,9 +90,11 @@ def _streaming_dispatcher(artifact, tiers: TierSet, graphs, residence: Residence
         limit_blas_threads(host_blas_threads)
     where = placement_from_config(residence.host_compute, spec.num_layers, spec.num_experts,
                                   measure=lambda: measure_costs(store, tiers, graphs.expert_group))
+    crossings = Crossings()
     experts = OffloadedExperts(store, residence.slots, make_policy(residence.policy, **(policy_kwargs or {})), stats,
-                               record_requests=record_requests)
-    dispatcher = ExpertDispatcher(spec, tiers, experts, graphs, placement=where, host_store=store, stats=stats)
+                               record_requests=record_requests, crossings=crossings)
+    dispatcher = ExpertDispatcher(spec, tiers, experts, graphs, placement=where, host_store=store, stats=stats,
+                                  crossings=crossings)
     if residence.prefetch:
         predictor = RouterPredictor([artifact.layer_weights(layer)["router"] for layer in range(spec.num_layers)],
                                     spec.num_experts_per_tok)

@@ -17,9 +17,11 @@ from typing import Protocol
 import numpy as np
 import mindspore as ms
 
+from artifact.manifest import kv_cache_rows
 from model.spec import ModelSpec
 from graphs.deltanet import CHUNK
 from graphs.layer import ATTENTION_WEIGHTS, DELTANET_WEIGHTS
+from offload.crossings import Crossings
 from offload.dispatch import ExpertDispatcher
 from runtime.graph_set import GraphSet
 
@@ -66,26 +68,28 @@ def rope_tables(spec: ModelSpec, length: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class SequenceState:
-    """KV caches (host arrays the graphs read in place, in the graphs' dtype) and DeltaNet states
-    (FP32) of one sequence."""
+    """Where one sequence stands: its length, and the DeltaNet states (FP32), device tensors each launch
+    takes and replaces with its outputs. The KV caches are the engine's (see `Engine`)."""
 
-    def __init__(self, spec: ModelSpec, max_context: int, kv_dtype=np.float32):
+    def __init__(self, spec: ModelSpec, crossings: Crossings):
+        crossings.sequence_starts()
         conv_shape = (spec.linear_conv_kernel_dim - 1, spec.conv_dim)
         rec_shape = (spec.linear_num_value_heads, spec.linear_key_head_dim, spec.linear_value_head_dim)
-        kv_shape = (max_context, spec.num_key_value_heads, spec.head_dim)
         self.length = 0
-        self.keys, self.values, self.conv, self.recurrent = {}, {}, {}, {}
+        self.conv, self.recurrent = {}, {}
         for layer, kind in enumerate(spec.layer_types):
-            if kind == "full_attention":
-                self.keys[layer] = np.zeros(kv_shape, kv_dtype)
-                self.values[layer] = np.zeros(kv_shape, kv_dtype)
-            else:
-                self.conv[layer] = ms.Tensor(np.zeros(conv_shape, np.float32))
-                self.recurrent[layer] = ms.Tensor(np.zeros(rec_shape, np.float32))
+            if kind == "linear_attention":  # zeros, once per sequence
+                self.conv[layer] = crossings.to_device("state reset", np.zeros(conv_shape, np.float32))
+                self.recurrent[layer] = crossings.to_device("state reset", np.zeros(rec_shape, np.float32))
 
 
 class Engine:
-    """Runs the model one launch at a time over a `SequenceState`."""
+    """Runs the model one launch at a time over a `SequenceState`.
+
+    The KV caches are device tensors of `kv_cache_rows` rows per attention layer, allocated once and
+    updated in place by the attention graphs; rows past the sequence's length are masked, so a new
+    sequence reuses them without clearing.
+    """
 
     def __init__(self, weights: DenseWeights, dispatcher: ExpertDispatcher, graphs: GraphSet,
                  buckets: Buckets = Buckets(), max_context: int = 1024, kv_dtype=np.float32):
@@ -105,10 +109,16 @@ class Engine:
             self.layers.append(tuple(ms.Tensor.from_numpy(dense[name]) for name in names))
         self.cos, self.sin = rope_tables(spec, max_context + max(buckets.prefill))
         self.kv_dtype = kv_dtype
-        self.state = SequenceState(spec, max_context, kv_dtype)
+        rows = kv_cache_rows(max_context, max(buckets.prefill))
+        kv_shape = (rows, spec.num_key_value_heads, spec.head_dim)
+        attention = [layer for layer, kind in enumerate(spec.layer_types) if kind == "full_attention"]
+        # allocated once, before anything is counted (on a card: device memory, cleared there)
+        self.keys = {layer: ms.Tensor(np.zeros(kv_shape, kv_dtype)) for layer in attention}
+        self.values = {layer: ms.Tensor(np.zeros(kv_shape, kv_dtype)) for layer in attention}
+        self.state = SequenceState(spec, dispatcher.crossings)
 
     def reset(self) -> None:
-        self.state = SequenceState(self.spec, self.max_context, self.kv_dtype)
+        self.state = SequenceState(self.spec, self.dispatcher.crossings)
 
     def close(self) -> None:
         """Stop the dispatcher's background work (the prefetch thread, when there is one)."""
@@ -141,32 +151,34 @@ class Engine:
         return logits
 
     def _run_launch(self, ids: np.ndarray, tokens: int, all_logits: bool) -> np.ndarray:
-        n, state = ids.size, self.state
+        n, state, c = ids.size, self.state, self.dispatcher.crossings
+        c.launch(n, decode=tokens == 1)
         attention, deltanet = self.graphs.attention(tokens), self.graphs.deltanet(tokens)
         padded = np.zeros(tokens, np.int32)
         padded[:n] = ids
-        h = self.graphs.embedding(tokens)(ms.Tensor.from_numpy(padded), self.embed_table)  # [T, H]
+        h = self.graphs.embedding(tokens)(c.to_device("token ids", padded), self.embed_table)  # [T, H]
+        c.launched()
         position = state.length
-        cos = ms.Tensor.from_numpy(self.cos[position : position + tokens])  # [T, P]
-        sin = ms.Tensor.from_numpy(self.sin[position : position + tokens])
-        n_valid = ms.Tensor(n, ms.int32)
-        cache_len = ms.Tensor(position, ms.int32)
+        cos = c.to_device("rope tables", self.cos[position : position + tokens])  # [T, P]
+        sin = c.to_device("rope tables", self.sin[position : position + tokens])
+        n_valid = c.scalar("scalars", n)
+        cache_len = c.scalar("scalars", position)
         for layer, weights in enumerate(self.layers):
-            if layer in state.keys:
-                k_cache, v_cache = state.keys[layer], state.values[layer]
-                partial, x_moe, top_w, top_e, key, value = attention(
-                    h, cos, sin, ms.Tensor.from_numpy(k_cache), ms.Tensor.from_numpy(v_cache), cache_len, *weights)
-                k_cache[position : position + n] = key.asnumpy()[:n]
-                v_cache[position : position + n] = value.asnumpy()[:n]
+            if layer in self.keys:  # the caches are updated in place: nothing crosses
+                partial, x_moe, top_w, top_e = attention(h, cos, sin, self.keys[layer], self.values[layer], cache_len,
+                                                         *weights)
             else:
                 partial, x_moe, top_w, top_e, state.conv[layer], state.recurrent[layer] = deltanet(
                     h, state.conv[layer], state.recurrent[layer], n_valid, *weights)
-            routed = self.dispatcher.run(layer, x_moe.asnumpy()[:n], top_w.asnumpy()[:n], top_e.asnumpy()[:n])
-            hidden = partial.asnumpy()  # [T, H]
+            c.launched()
+            routed = self.dispatcher.run(layer, c.to_host("moe input", x_moe)[:n],
+                                         c.to_host("router choice", top_w)[:n], c.to_host("router choice", top_e)[:n])
+            hidden = c.to_host("hidden out", partial)  # [T, H]
             hidden[:n] += routed
-            h = ms.Tensor.from_numpy(hidden)
+            h = c.to_device("hidden in", hidden)
         state.length += n
+        c.launched()  # the head
         if all_logits:
-            return self.graphs.head(tokens)(h, self.final_norm, self.lm_head).asnumpy()[:n]  # [N, V]
-        last = ms.Tensor.from_numpy(np.ascontiguousarray(hidden[n - 1 : n]))
-        return self.graphs.head(1)(last, self.final_norm, self.lm_head).asnumpy()  # [1, V]
+            return c.to_host("logits", self.graphs.head(tokens)(h, self.final_norm, self.lm_head))[:n]  # [N, V]
+        last = c.to_device("hidden in", np.ascontiguousarray(hidden[n - 1 : n]))
+        return c.to_host("logits", self.graphs.head(1)(last, self.final_norm, self.lm_head))  # [1, V]

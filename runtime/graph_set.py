@@ -35,8 +35,8 @@ def graph_spec(spec: ModelSpec) -> ModelSpec:
 
 
 @functools.cache
-def _attention(spec: ModelSpec, tokens: int, cache_size: int) -> AttentionLayer:
-    return AttentionLayer(spec, tokens, cache_size)
+def _attention(spec: ModelSpec, tokens: int) -> AttentionLayer:
+    return AttentionLayer(spec, tokens)
 
 
 @functools.cache
@@ -64,12 +64,11 @@ class CellGraphs:
     compiled graphs per Cell instance), so tests and sweeps compile each shape once per process.
     """
 
-    def __init__(self, spec: ModelSpec, cache_size: int):
+    def __init__(self, spec: ModelSpec):
         self.spec = graph_spec(spec)
-        self.cache_size = cache_size
 
     def attention(self, tokens: int) -> AttentionLayer:
-        return _attention(self.spec, tokens, self.cache_size)
+        return _attention(self.spec, tokens)
 
     def deltanet(self, tokens: int) -> DeltaNetLayer:
         return _deltanet(self.spec, tokens)

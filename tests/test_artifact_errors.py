@@ -20,7 +20,7 @@ import pytest
 from checkpoints import TinyShape, write_checkpoint
 from artifact.reader import Artifact, ChecksumError, ExpertChecksumError, MissingFileError, ModelMismatchError
 from convert.cli import main as cli
-from artifact.manifest import (DIGEST_KEY, ArtifactError, ManifestError, ManifestVersionError, TierRecord,
+from artifact.manifest import (DIGEST_KEY, VERSION, ArtifactError, ManifestError, ManifestVersionError, TierRecord,
                                UnsafePathError, manifest_digest)
 from convert.pipeline import ArtifactExistsError, ConvertOptions, convert
 from offload.store_weights import StoreExperts
@@ -165,7 +165,7 @@ def test_graphs_of_other_kernels_are_refused_by_name(artifact):
 
 def test_manifest_of_another_version(artifact):
     edit_manifest(artifact, lambda m: m.update(version=1))
-    with pytest.raises(ManifestVersionError, match="manifest version 1, this Ferry reads version 4"):
+    with pytest.raises(ManifestVersionError, match=f"manifest version 1, this Ferry reads version {VERSION}"):
         Artifact.open(artifact)
 
 

@@ -1,0 +1,152 @@
+"""The ledger of crossings: every transfer between host and device memory, by kind, bytes and phase.
+
+On MindSpore's CPU backend host and device are one memory, so wrapping a numpy array as a launch
+input and reading an output back cost nothing here; on a 310P3 each is a copy over PCIe, and a
+sync. The engine and the offload controller make every such transfer through this ledger, so the
+same code paths count as if the memories were apart: launch inputs that are host arrays (`to_device`),
+outputs read back (`to_host`), and expert blocks copied into slots (`copied`). Inputs that are
+device tensors already (weights, slots, state kept as tensors) are not counted: they do not cross.
+
+Counts are kept per phase: `prefill` for launches of more than one token, `decode` for one-token
+launches (the engine says which launch is running); a prefetch copy counts in the phase of the
+launch it overlaps. `tokens` per phase gives the per-token figures, and `launches` counts the graph
+launches of each phase (on a card each is a host cost and, where an output is read, a sync).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import mindspore as ms
+
+PHASES = ("prefill", "decode")
+H2D, D2H = "host->device", "device->host"
+
+
+@dataclass
+class Tally:
+    direction: str
+    transfers: int = 0
+    bytes: int = 0
+
+
+class Crossings:
+    """Per phase and kind: direction, transfers and bytes; per phase: tokens."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the prefetch thread copies blocks too
+        self.phase = "prefill"
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.kinds: dict[str, dict[str, Tally]] = {phase: {} for phase in PHASES}
+            self.tokens = dict.fromkeys(PHASES, 0)
+            self.launches = dict.fromkeys(PHASES, 0)
+
+    def sequence_starts(self) -> None:
+        """A new sequence: its state's reset counts with the prefill of its prompt."""
+        self.phase = "prefill"
+
+    def launch(self, tokens: int, decode: bool) -> None:
+        """A launch of `tokens` real tokens starts (a decode launch, or a prefill one): its crossings
+        count in its phase."""
+        self.phase = "decode" if decode else "prefill"
+        self.tokens[self.phase] += tokens
+
+    def launched(self) -> None:
+        """One graph launch of the current phase."""
+        self.launches[self.phase] += 1
+
+    def to_device(self, kind: str, array: np.ndarray) -> ms.Tensor:
+        """`array` as a launch input: one host->device copy of its bytes."""
+        self._count(kind, H2D, array.nbytes)
+        return ms.Tensor.from_numpy(array)
+
+    def scalar(self, kind: str, value: int) -> ms.Tensor:
+        """A Python int as an int32 launch input (4 bytes)."""
+        self._count(kind, H2D, 4)
+        return ms.Tensor(value, ms.int32)
+
+    def to_host(self, kind: str, tensor: ms.Tensor) -> np.ndarray:
+        """A launch output read back: one device->host copy of its bytes."""
+        array = tensor.asnumpy()
+        self._count(kind, D2H, array.nbytes)
+        return array
+
+    def copied(self, kind: str, nbytes: int) -> None:
+        """A host->device copy made outside a launch (an expert block into its slot)."""
+        self._count(kind, H2D, nbytes)
+
+    def _count(self, kind: str, direction: str, nbytes: int) -> None:
+        with self._lock:
+            tally = self.kinds[self.phase].setdefault(kind, Tally(direction))
+            if tally.direction != direction:
+                raise ValueError(f"crossing kind '{kind}' is {tally.direction}, counted now as {direction}")
+            tally.transfers += 1
+            tally.bytes += int(nbytes)
+
+    def per_token(self, phase: str, kinds: tuple[str, ...] | None = None) -> float:
+        """Bytes per token of `phase`, over `kinds` (default all)."""
+        tallies = self.kinds[phase]
+        total = sum(t.bytes for kind, t in tallies.items() if kinds is None or kind in kinds)
+        return total / self.tokens[phase] if self.tokens[phase] else 0.0
+
+    def to_dict(self) -> dict:
+        return {phase: {"tokens": self.tokens[phase], "launches": self.launches[phase],
+                        "kinds": {kind: {"direction": t.direction, "transfers": t.transfers, "bytes": t.bytes}
+                                  for kind, t in sorted(self.kinds[phase].items())}}
+                for phase in PHASES}
+
+    def table(self) -> str:
+        """Per phase, each kind's transfers and bytes per token, and the total."""
+        lines = ["crossings host<->device, as a card would pay them (per token of each phase)",
+                 f"  {'phase':8} {'kind':18} {'direction':13} {'transfers/token':>15} {'bytes/token':>12}"]
+        for phase in PHASES:
+            tokens = self.tokens[phase]
+            if not tokens:
+                continue
+            for kind, t in sorted(self.kinds[phase].items()):
+                lines.append(f"  {phase:8} {kind:18} {t.direction:13} {t.transfers / tokens:>15.1f} "
+                             f"{_size(t.bytes / tokens):>12}")
+            lines.append(f"  {phase:8} {'total':18} {'':13} "
+                         f"{sum(t.transfers for t in self.kinds[phase].values()) / tokens:>15.1f} "
+                         f"{_size(self.per_token(phase)):>12}  over {tokens} tokens, "
+                         f"{self.launches[phase] / tokens:.1f} graph launches per token")
+        return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def decode_crossings(spec, tiers) -> dict[str, tuple[str, int, int]]:
+    """kind -> (direction, transfers, bytes) that one decode token (T = 1) moves between host and
+    device in today's engine, from the model's shape and the tiers alone (experts on the device, none
+    computed on the host; streamed blocks not included). H hidden, V vocabulary, P rotary dims, K
+    experts per token, L layers; a decode token's K experts, one row each, go in the launches
+    `offload.tiers.plan_launches` makes of them. Nothing depends on the context length: the KV caches
+    and DeltaNet states stay on the device."""
+    from offload.tiers import plan_launches
+
+    h, v, p, k, layers = spec.hidden_size, spec.vocab_size, spec.rotary_dim, spec.num_experts_per_tok, spec.num_layers
+    launches = plan_launches({expert: 1 for expert in range(k)}, tiers)
+    shapes = [(tiers[launch.tier_index].group, tiers[launch.tier_index].capacity) for launch in launches]
+    expert_in = layers * sum(g * c * h * 4 + g * 4 for g, c in shapes)  # rows, and the real rows of each slot
+    expert_out = layers * sum(g * c * h * 4 for g, c in shapes)
+    return {
+        "token ids": (H2D, 1, 4),
+        "rope tables": (H2D, 2, 2 * p * 4),
+        "scalars": (H2D, 2, 8),  # tokens in the launch, cached length
+        "moe input": (D2H, layers, layers * h * 4),
+        "router choice": (D2H, 2 * layers, layers * k * (4 + 4)),  # top-k weights (f32) and ids (i32)
+        "hidden out": (D2H, layers, layers * h * 4),  # each layer's output, to add the routed experts
+        "hidden in": (H2D, layers + 1, (layers + 1) * h * 4),  # back as the next layer's input; the head's row
+        "expert input": (H2D, 2 * layers * len(shapes), expert_in),
+        "expert output": (D2H, layers * len(shapes), expert_out),
+        "logits": (D2H, 1, v * 4),
+    }

@@ -1,0 +1,112 @@
+"""The ledger of crossings: what a decode token moves between host and device memory, by formula.
+
+`offload.crossings.decode_crossings` writes it from the model's shape and the tiers alone; what the
+engine counts as it runs must match it byte for byte and transfer for transfer, resident and
+streamed (where each missed expert adds one block copy), at any context length.
+"""
+from __future__ import annotations
+
+import pytest
+
+from checkpoints import TinyShape, write_checkpoint
+from artifact.manifest import TierRecord
+from artifact.reader import Artifact
+from convert.pipeline import ConvertOptions, convert
+from offload.crossings import H2D, decode_crossings
+from offload.residence import Residence
+from runtime.build import engine_from_artifact
+
+S = 64  # max_context of the artifact
+PROMPT = [3, 9, 27, 81, 5]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    model_dir = write_checkpoint(TinyShape(), tmp_path_factory.mktemp("ckpt"))
+    out = tmp_path_factory.mktemp("art") / "a"
+    convert(model_dir, out, ConvertOptions("fp32", (TierRecord(1, 2), TierRecord(4, 2)), (16,), S), progress=False)
+    return out
+
+
+def one_decode_token(engine):
+    engine.reset()
+    engine.forward(PROMPT)
+    engine.dispatcher.crossings.reset()
+    engine.dispatcher.stats.reset()
+    engine.forward([7])
+    return engine.dispatcher.crossings
+
+
+@pytest.mark.parametrize("slots", [None, 4])
+def test_a_decode_token_crosses_what_the_formula_says(artifact, slots):
+    spec = Artifact.open(artifact).spec
+    residence = None if slots is None else Residence(slots, spec.num_layers * spec.num_experts, "lru")
+    engine = engine_from_artifact(artifact, residence)
+    try:
+        crossings = one_decode_token(engine)
+        stats = engine.dispatcher.stats.total()
+        tiers = engine.dispatcher.tiers
+    finally:
+        engine.close()
+    expected = decode_crossings(spec, tiers)
+    if slots is not None:  # every miss copies one block into its slot
+        block = Artifact.open(artifact).manifest.experts.block_bytes
+        expected["expert block"] = (H2D, stats.misses, stats.misses * block)
+        assert stats.misses > 0
+    ledger = crossings.to_dict()
+    assert ledger["decode"]["tokens"] == 1
+    assert ledger["decode"]["launches"] == 1 + spec.num_layers + sum(stats.launches) + 1  # embedding, layers, experts, head
+    found = {kind: (t["direction"], t["transfers"], t["bytes"]) for kind, t in ledger["decode"]["kinds"].items()}
+    assert found == expected
+    beyond_blocks = sum(b for kind, (_, _, b) in expected.items() if kind != "expert block")
+    assert crossings.per_token("decode") == beyond_blocks + expected.get("expert block", (0, 0, 0))[2]
+
+
+def test_prefill_tokens_and_phases_are_counted_apart(artifact):
+    engine = engine_from_artifact(artifact)
+    try:
+        engine.forward(PROMPT)
+        engine.forward([7])
+        engine.forward([8])
+        ledger = engine.dispatcher.crossings.to_dict()
+    finally:
+        engine.close()
+    assert (ledger["prefill"]["tokens"], ledger["decode"]["tokens"]) == (len(PROMPT), 2)
+    assert ledger["prefill"]["kinds"]["token ids"]["bytes"] == 16 * 4  # one launch of the 16-token bucket
+    assert ledger["decode"]["kinds"]["logits"]["transfers"] == 2
+
+
+def test_a_decode_token_crosses_the_same_bytes_at_any_context_length(artifact):
+    engine = engine_from_artifact(artifact)
+    try:
+        ledgers = []
+        for length in (2, 40, S - 1):
+            engine.reset()
+            engine.forward(list(range(3, 3 + length)))
+            engine.dispatcher.crossings.reset()
+            engine.forward([7])
+            ledgers.append(engine.dispatcher.crossings.to_dict()["decode"])
+    finally:
+        engine.close()
+    assert ledgers[0] == ledgers[1] == ledgers[2]
+
+
+def test_a_new_sequence_counts_its_state_reset_with_prefill(artifact):
+    engine = engine_from_artifact(artifact)
+    try:
+        engine.forward(PROMPT)
+        engine.forward([7])
+        engine.dispatcher.crossings.reset()
+        engine.reset()  # after a decode step
+        engine.forward(PROMPT)
+        engine.forward([7])
+        ledger = engine.dispatcher.crossings.to_dict()
+    finally:
+        engine.close()
+    spec = engine.spec
+    deltanet = spec.layer_types.count("linear_attention")
+    state = 4 * ((spec.linear_conv_kernel_dim - 1) * spec.conv_dim
+                 + spec.linear_num_value_heads * spec.linear_key_head_dim * spec.linear_value_head_dim)
+    assert ledger["prefill"]["kinds"]["state reset"] == {"direction": H2D, "transfers": 2 * deltanet,
+                                                        "bytes": deltanet * state}
+    assert "state reset" not in ledger["decode"]["kinds"]
