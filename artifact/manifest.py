@@ -28,9 +28,10 @@ def kv_cache_rows(max_context: int, largest_launch: int) -> int:
 
 FORMAT = "ferry-artifact"
 DIGEST_KEY = "manifest_sha256"
-VERSION = 5  # 2: expert-group graphs take the real rows of each slot after x; 3: target, kernels, dense dtypes;
+VERSION = 6  # 2: expert-group graphs take the real rows of each slot after x; 3: target, kernels, dense dtypes;
 # 4: the manifest carries its own digest, and the tokenizer files; 5: attention graphs write their keys and
-# values into the KV cache in place (`kv_cache_rows` rows) instead of returning them
+# values into the KV cache in place (`kv_cache_rows` rows) instead of returning them; 6: the head graphs
+# also return each row's greedy choice
 TOKENIZER_DIR = "tokenizer"
 # Copied from the checkpoint when present: an artifact alone can then take a text prompt and a chat.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")

@@ -29,9 +29,10 @@ def main() -> None:
     h2d = OmegaConf.load(CONF / "device" / "ascend_310p3.yaml").h2d_gbps * 1e9
     models = [("demo", load_spec(DEMO_DIR)), ("real width, 4 layers", real_width_spec(4)),
               ("Qwen3.6-35B-A3B", spec_from_config(qwen["config"], CONF / "model" / "qwen36_35b.yaml"))]
-    print(f"per decode token, expert blocks excluded; time at {h2d / 1e9:.0f} GB/s (conf/device/ascend_310p3.yaml)")
+    print(f"per greedy decode token (sampling reads the logits instead of the id: V x 4 bytes), expert blocks "
+          f"excluded; time at {h2d / 1e9:.0f} GB/s (conf/device/ascend_310p3.yaml)")
     for name, spec in models:
-        kinds = decode_crossings(spec, from_config(tiers, default_group=spec.num_experts_per_tok))
+        kinds = decode_crossings(spec, from_config(tiers, default_group=spec.num_experts_per_tok), greedy=True)
         total = sum(b for _, _, b in kinds.values())
         launches = 1 + spec.num_layers + kinds["expert output"][1] + 1  # embedding, layers, expert groups, head
         print(f"\n{name}: {spec.num_layers} layers, hidden {spec.hidden_size}, vocab {spec.vocab_size}: "

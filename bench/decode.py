@@ -60,15 +60,16 @@ def bench_model(args) -> tuple[Path, object]:
 
 
 def timed_decode(engine, prompt: list[int], tokens: int, on_prefill=None) -> tuple[list[int], float]:
-    """Greedy: prefill, then `tokens - 1` decode steps; returns the ids and the decode seconds."""
+    """Greedy, as run.py decodes (the head's choice read back, not the logits): prefill, then `tokens - 1`
+    decode steps; returns the ids and the decode seconds."""
     engine.reset()
-    token = int(np.argmax(engine.forward(prompt)))
+    token = engine.next_greedy(prompt)
     out = [token]
     if on_prefill is not None:
         on_prefill()
     start = time.perf_counter()
     for _ in range(tokens - 1):
-        token = int(np.argmax(engine.forward([token])))
+        token = engine.next_greedy([token])
         out.append(token)
     return out, time.perf_counter() - start
 

@@ -75,7 +75,7 @@ def graph_plans(spec: ModelSpec, buckets: tuple[int, ...], tiers: tuple[TierReco
     for t in sizes:
         table = _compute(target, v, h)
         plans.append(GraphPlan(f"embedding_t{t}", "embedding", t, None, (_i32(t), table), (_f32(t, h),)))
-        plans.append(GraphPlan(f"head_t{t}", "head", t, None, (_f32(t, h), _f32(h), table), (_f32(t, v),)))
+        plans.append(GraphPlan(f"head_t{t}", "head", t, None, (_f32(t, h), _f32(h), table), (_f32(t, v), _i32(t))))
     if "full_attention" in spec.layer_types:
         weights = _layer_weights(spec, "full_attention", ATTENTION_WEIGHTS, target)
         cache = _compute(target, kv_cache_rows(s, max(sizes)), kv, d)  # updated in place

@@ -1,5 +1,6 @@
 """Token embedding and the output head. Legend: T tokens, V vocabulary, H hidden."""
 from mindspore import nn, ops
+from mindspore.common import dtype as mstype
 
 from graphs.common import Linear, rms_norm, to_f32
 
@@ -10,7 +11,8 @@ class Embedding(nn.Cell):
 
 
 class Head(nn.Cell):
-    """Final (1 + w) RMSNorm and the vocabulary projection."""
+    """Final (1 + w) RMSNorm and the vocabulary projection; also each row's greedy choice, so a greedy
+    decode reads back one id instead of the vocabulary's logits."""
 
     def __init__(self, eps: float):
         super().__init__()
@@ -18,4 +20,5 @@ class Head(nn.Cell):
         self.linear = Linear()
 
     def construct(self, h, final_norm, lm_head):
-        return self.linear(rms_norm(h, final_norm, self.eps), lm_head)  # [T, V]
+        logits = self.linear(rms_norm(h, final_norm, self.eps), lm_head)  # [T, V]
+        return logits, ops.argmax(logits, -1).astype(mstype.int32)  # [T, V], [T]

@@ -124,13 +124,14 @@ def _size(n: float) -> str:
         n /= 1024
 
 
-def decode_crossings(spec, tiers) -> dict[str, tuple[str, int, int]]:
+def decode_crossings(spec, tiers, greedy: bool = False) -> dict[str, tuple[str, int, int]]:
     """kind -> (direction, transfers, bytes) that one decode token (T = 1) moves between host and
     device in today's engine, from the model's shape and the tiers alone (experts on the device, none
     computed on the host; streamed blocks not included). H hidden, V vocabulary, P rotary dims, K
     experts per token, L layers; a decode token's K experts, one row each, go in the launches
     `offload.tiers.plan_launches` makes of them. Nothing depends on the context length: the KV caches
-    and DeltaNet states stay on the device."""
+    and DeltaNet states stay on the device. `greedy`: the head's choice is read back (4 bytes), not the
+    logits (`Engine.next_greedy`, what greedy generation uses)."""
     from offload.tiers import plan_launches
 
     h, v, p, k, layers = spec.hidden_size, spec.vocab_size, spec.rotary_dim, spec.num_experts_per_tok, spec.num_layers
@@ -148,5 +149,5 @@ def decode_crossings(spec, tiers) -> dict[str, tuple[str, int, int]]:
         "hidden in": (H2D, layers + 1, (layers + 1) * h * 4),  # back as the next layer's input; the head's row
         "expert input": (H2D, 2 * layers * len(shapes), expert_in),
         "expert output": (D2H, layers * len(shapes), expert_out),
-        "logits": (D2H, 1, v * 4),
+        **({"next token": (D2H, 1, 4)} if greedy else {"logits": (D2H, 1, v * 4)}),
     }

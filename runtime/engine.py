@@ -126,6 +126,16 @@ class Engine:
 
     def forward(self, ids, all_logits: bool = False) -> np.ndarray:
         """Feed token ids; return logits of the last one [V], or of every one [N, V]."""
+        return self._feed(ids, "all" if all_logits else "last")
+
+    def next_greedy(self, ids) -> int:
+        """Feed token ids; return the id of the largest logit after the last one, chosen on the device:
+        one int32 is read back instead of the vocabulary's logits."""
+        return int(self._feed(ids, "greedy"))
+
+    def _feed(self, ids, out: str) -> np.ndarray:
+        """Run `ids` in bucket-sized launches; what comes back is `_run_launch`'s `out` of the last one
+        (its last row), or every launch's logits for "all"."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("forward needs at least one token id")
@@ -140,17 +150,18 @@ class Engine:
         while start < ids.size:
             tokens = self.buckets.pick(ids.size - start)
             count = min(tokens, ids.size - start)
-            pieces.append(self._launch(ids[start : start + count], tokens, all_logits))
+            pieces.append(self._launch(ids[start : start + count], tokens, out))
             start += count
-        return np.concatenate(pieces) if all_logits else pieces[-1][-1]
+        return np.concatenate(pieces) if out == "all" else pieces[-1][-1]
 
-    def _launch(self, ids: np.ndarray, tokens: int, all_logits: bool) -> np.ndarray:
+    def _launch(self, ids: np.ndarray, tokens: int, out: str) -> np.ndarray:
         start = time.perf_counter()
-        logits = self._run_launch(ids, tokens, all_logits)
+        result = self._run_launch(ids, tokens, out)
         self.dispatcher.step_done(ids.size, time.perf_counter() - start)
-        return logits
+        return result
 
-    def _run_launch(self, ids: np.ndarray, tokens: int, all_logits: bool) -> np.ndarray:
+    def _run_launch(self, ids: np.ndarray, tokens: int, out: str) -> np.ndarray:
+        """One launch; `out`: "all" logits [N, V], "last" logits [1, V], "greedy" the last one's choice [1]."""
         n, state, c = ids.size, self.state, self.dispatcher.crossings
         c.launch(n, decode=tokens == 1)
         attention, deltanet = self.graphs.attention(tokens), self.graphs.deltanet(tokens)
@@ -178,7 +189,8 @@ class Engine:
             h = c.to_device("hidden in", hidden)
         state.length += n
         c.launched()  # the head
-        if all_logits:
-            return c.to_host("logits", self.graphs.head(tokens)(h, self.final_norm, self.lm_head))[:n]  # [N, V]
+        if out == "all":
+            return c.to_host("logits", self.graphs.head(tokens)(h, self.final_norm, self.lm_head)[0])[:n]  # [N, V]
         last = c.to_device("hidden in", np.ascontiguousarray(hidden[n - 1 : n]))
-        return c.to_host("logits", self.graphs.head(1)(last, self.final_norm, self.lm_head))  # [1, V]
+        logits, choice = self.graphs.head(1)(last, self.final_norm, self.lm_head)  # [1, V], [1]
+        return c.to_host("next token", choice) if out == "greedy" else c.to_host("logits", logits)

@@ -38,10 +38,11 @@ def generate(engine: Engine, prompt_ids: Sequence[int], max_new_tokens: int, sam
     sampler = Sampler(sampling)
     result = Generation(prompt_ids=[int(t) for t in prompt_ids])
     engine.reset()
+    # greedy: the head picks the token on the device and only its id comes back; else the logits
+    next_token = engine.next_greedy if sampling.temperature == 0.0 else (lambda ids: sampler(engine.forward(ids)))
     start = time.perf_counter()
-    logits = engine.forward(result.prompt_ids)
+    token = next_token(result.prompt_ids)
     for step in range(max_new_tokens):
-        token = sampler(logits)
         if step == 0:
             result.time_to_first_token = time.perf_counter() - start
             decode_start = time.perf_counter()
@@ -52,6 +53,6 @@ def generate(engine: Engine, prompt_ids: Sequence[int], max_new_tokens: int, sam
             result.stopped_on_eos = True
             break
         if step + 1 < max_new_tokens:
-            logits = engine.forward([token])
+            token = next_token([token])
     result.decode_time = time.perf_counter() - decode_start
     return result

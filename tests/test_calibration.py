@@ -39,7 +39,7 @@ class CountingDispatcher:
 
 
 class FakeEngine:
-    """The engine surface `record_routing` and `generate` use: spec, dispatcher, reset, forward.
+    """The engine surface `record_routing` and `generate` use: spec, dispatcher, reset, forward, next_greedy.
     Routes token t of a launch to experts derived from its id, through `dispatcher.run`."""
 
     def __init__(self, num_layers=3, num_experts=6, top_k=2, vocab=50):
@@ -63,6 +63,9 @@ class FakeEngine:
         logits = np.zeros(self.spec.vocab_size)
         logits[(ids[-1] * 7 + 3) % self.spec.vocab_size] = 1.0  # greedy: next id is a function of the last
         return logits
+
+    def next_greedy(self, ids):
+        return int(np.argmax(self.forward(ids)))
 
 
 def test_recorder_delegates_and_counts_every_token_choice():

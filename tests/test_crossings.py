@@ -110,3 +110,29 @@ def test_a_new_sequence_counts_its_state_reset_with_prefill(artifact):
     assert ledger["prefill"]["kinds"]["state reset"] == {"direction": H2D, "transfers": 2 * deltanet,
                                                         "bytes": deltanet * state}
     assert "state reset" not in ledger["decode"]["kinds"]
+
+
+def test_greedy_generation_reads_back_the_chosen_id_only(artifact):
+    """`generate` at temperature 0 takes the head's on-device choice: 4 bytes instead of V x 4, and the
+    same tokens as the argmax of the logits."""
+    from runtime.generate import generate
+
+    engine = engine_from_artifact(artifact)
+    try:
+        by_logits = []
+        engine.reset()
+        logits = engine.forward(PROMPT)
+        for _ in range(6):
+            by_logits.append(int(logits.argmax()))
+            logits = engine.forward([by_logits[-1]])
+        engine.dispatcher.crossings.reset()
+        engine.dispatcher.stats.reset()
+        result = generate(engine, PROMPT, 6, eos_ids=())
+        ledger = engine.dispatcher.crossings
+        tiers = engine.dispatcher.tiers
+    finally:
+        engine.close()
+    assert result.token_ids == by_logits
+    decode = {kind: (t.direction, t.transfers, t.bytes) for kind, t in ledger.kinds["decode"].items()}
+    one = decode_crossings(engine.spec, tiers, greedy=True)
+    assert decode == {kind: (d, n * 5, b * 5) for kind, (d, n, b) in one.items()}  # 5 decode steps
