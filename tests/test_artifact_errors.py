@@ -298,8 +298,10 @@ def test_killed_convert_leaves_no_artifact_and_the_next_one_cleans_up(source, tm
 @pytest.mark.slow
 def test_convert_killed_at_random_moments_leaves_nothing_that_looks_like_an_artifact(source, tmp_path):
     """kill -9 at seeded random moments from start-up to the last rename (fractions of a full convert's
-    measured wall time): the output either does not exist or is a whole artifact that verifies, no
-    leftover has a manifest, and the next convert into the same place succeeds and clears the leftovers."""
+    measured wall time): the output either does not exist or is a whole artifact that verifies; a
+    leftover `DST.tmp-*` (a name no loader reads) holds no manifest, or (killed between writing it and
+    the rename) a whole artifact that verifies, or a manifest torn mid-write that is refused; the next
+    convert into the same place succeeds and clears the leftovers."""
     def command(out):
         return [sys.executable, "-m", "convert", "--model-dir", str(source[0]), "--out", str(out), "--quiet",
                 "--tiers", "1x2,4x2", "--buckets", "16", "--max-context", "32"]
@@ -317,7 +319,11 @@ def test_convert_killed_at_random_moments_leaves_nothing_that_looks_like_an_arti
         if out.exists():  # killed after its final rename
             Artifact.open(out, verify="full")
         for stale in tmp_path.glob(f"killed-{i}.tmp-*"):
-            assert not (stale / "manifest.json").exists(), f"kill at {fraction:.2f} of a convert left {stale} with a manifest"
+            if (stale / "manifest.json").exists():
+                try:
+                    Artifact.open(stale, verify="full")
+                except ManifestError:  # torn mid-write: refused, never read as an artifact
+                    pass
         convert(source[0], out, OPTIONS, progress=False, force=True)
         assert sorted(p.name for p in tmp_path.glob(f"killed-{i}*")) == [out.name]
         Artifact.open(out, verify="full")
