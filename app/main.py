@@ -439,13 +439,12 @@ def report(record: dict, tables: str, cfg: DictConfig, quiet: bool) -> None:
         f"({memory['peak_rss_bytes'] / memory['planned_bytes']:.2f}x the plan; since the engine was built)")
     if record["counters"]["offload"] is None:
         say(counters_table(record["counters"]))
-        say(tables)
     else:
         offload = record["counters"]["offload"]
         warm = " (counted after the warm-up run: its experts are already in slots)" if cfg.warmup else ""
         say(f"offload   hit rate {100 * offload['hit_rate']:.1f}%, {offload['bytes_per_token'] / 2**20:.2f} MiB "
             f"streamed per token, stalled {100 * offload['stall_fraction']:.1f}% of launch time{warm}")
-        say(tables)
+    say(tables)
     output_dir, choices, overrides, multirun = hydra_context()
     record.update(choices=choices, overrides=overrides)
     written = []

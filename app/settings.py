@@ -36,12 +36,12 @@ def known_settings(conf: Path, groups: tuple[str, ...]) -> dict[str, set[str]]:
     """The setting names the config files define, per section ('' is the top level): the top level's
     and `sampling`'s from config.yaml, each of `groups`' as the union over that group's option files."""
     top = OmegaConf.load(conf / "config.yaml")
-    known = {"": {str(k) for k in top.keys()} - {"defaults"} | {"hydra", "tiers", *groups},
+    known = {"": {str(k) for k in top.keys()} - {"defaults"} | {"hydra", *groups},
              "sampling": {str(k) for k in top.sampling.keys()}}
     for group in groups:
-        files = sorted((conf / group).glob("*.yaml"))
-        if files and all(isinstance(OmegaConf.load(f), DictConfig) for f in files):
-            known[group] = set().union(*({str(k) for k in OmegaConf.load(f).keys()} for f in files))
+        options = [OmegaConf.load(f) for f in sorted((conf / group).glob("*.yaml"))]
+        if options and all(isinstance(option, DictConfig) for option in options):
+            known[group] = set().union(*({str(k) for k in option.keys()} for option in options))
     return known
 
 

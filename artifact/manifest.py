@@ -20,12 +20,6 @@ from pathlib import Path, PurePosixPath
 
 from model.spec import CheckpointError, ModelSpec
 
-def kv_cache_rows(max_context: int, largest_launch: int) -> int:
-    """Rows of each KV cache: the context, plus room for a launch's padding rows, which the attention
-    graph writes (masked, and overwritten by the next launch) past the last real token."""
-    return max_context + largest_launch
-
-
 FORMAT = "ferry-artifact"
 DIGEST_KEY = "manifest_sha256"
 VERSION = 6  # 2: expert-group graphs take the real rows of each slot after x; 3: target, kernels, dense dtypes;
@@ -42,6 +36,12 @@ EXPERT_DTYPES = ("fp32", "fp16", "int8")
 TARGETS = ("cpu", "ascend_310p3")
 GRAPH_KINDS = ("embedding", "head", "attention", "deltanet", "expert_group")
 TENSOR_DTYPES = ("float32", "float16", "int8", "int32")  # numpy names
+
+
+def kv_cache_rows(max_context: int, largest_launch: int) -> int:
+    """Rows of each KV cache: the context, plus room for a launch's padding rows, which the attention
+    graph writes (masked, and overwritten by the next launch) past the last real token."""
+    return max_context + largest_launch
 
 
 class ArtifactError(CheckpointError):

@@ -107,9 +107,8 @@ class Engine:
             names = ATTENTION_WEIGHTS if kind == "full_attention" else DELTANET_WEIGHTS
             dense = weights.layer_weights(layer)
             self.layers.append(tuple(ms.Tensor.from_numpy(dense[name]) for name in names))
-        self.cos, self.sin = rope_tables(spec, max_context + max(buckets.prefill))
-        self.kv_dtype = kv_dtype
-        rows = kv_cache_rows(max_context, max(buckets.prefill))
+        rows = kv_cache_rows(max_context, max(buckets.prefill))  # every position a launch (padding too) reaches
+        self.cos, self.sin = rope_tables(spec, rows)
         kv_shape = (rows, spec.num_key_value_heads, spec.head_dim)
         attention = [layer for layer, kind in enumerate(spec.layer_types) if kind == "full_attention"]
         # allocated once, before anything is counted (on a card: device memory, cleared there)
