@@ -39,7 +39,7 @@ def generate(engine: Engine, prompt_ids: Sequence[int], max_new_tokens: int, sam
     result = Generation(prompt_ids=[int(t) for t in prompt_ids])
     engine.reset()
     # greedy: the head picks the token on the device and only its id comes back; else the logits
-    next_token = engine.next_greedy if sampling.temperature == 0.0 else (lambda ids: sampler(engine.forward(ids)))
+    next_token = engine.next_greedy if sampling.greedy else (lambda ids: sampler(engine.forward(ids)))
     start = time.perf_counter()
     token = next_token(result.prompt_ids)
     for step in range(max_new_tokens):

@@ -32,6 +32,11 @@ class Sampling:
         if not integer(self.seed) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
 
+    @property
+    def greedy(self) -> bool:
+        """The most likely token, always (temperature 0; the filters and the seed do not matter)."""
+        return self.temperature == 0.0
+
 
 class Sampler:
     """Stateful: one random stream per generation, so a seed reproduces the whole sequence."""
@@ -42,7 +47,7 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         s = self.sampling
-        if s.temperature == 0.0:
+        if s.greedy:
             return int(np.argmax(logits))
         scaled = logits.astype(np.float64) / s.temperature
         order = np.argsort(-scaled, kind="stable")  # most likely first
