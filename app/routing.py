@@ -47,7 +47,7 @@ class RoutingRecorder:
         self._steps: list[list[np.ndarray]] = []  # per step, per layer: experts [N, K]
         self._decode: list[bool] = []
 
-    def run(self, layer: int, x: np.ndarray, weights: np.ndarray, experts: np.ndarray) -> np.ndarray:
+    def run(self, layer: int, hidden, x, weights: np.ndarray, experts: np.ndarray):
         experts = np.asarray(experts)
         if layer == 0:
             self._steps.append([])
@@ -61,7 +61,7 @@ class RoutingRecorder:
         if step and experts.shape != step[0].shape:
             raise RuntimeError(f"layer {layer} routed {experts.shape} token choices, layer 0 {step[0].shape}")
         step.append(experts.astype(np.int32, copy=True))
-        return self.dispatcher.run(layer, x, weights, experts)
+        return self.dispatcher.run(layer, hidden, x, weights, experts)
 
     def __getattr__(self, name: str):
         if name == "dispatcher":  # not set yet (e.g. during unpickling): no recursion

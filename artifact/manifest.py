@@ -22,10 +22,11 @@ from model.spec import CheckpointError, ModelSpec
 
 FORMAT = "ferry-artifact"
 DIGEST_KEY = "manifest_sha256"
-VERSION = 6  # 2: expert-group graphs take the real rows of each slot after x; 3: target, kernels, dense dtypes;
+VERSION = 7  # 2: expert-group graphs take the real rows of each slot after x; 3: target, kernels, dense dtypes;
 # 4: the manifest carries its own digest, and the tokenizer files; 5: attention graphs write their keys and
 # values into the KV cache in place (`kv_cache_rows` rows) instead of returning them; 6: the head graphs
-# also return each row's greedy choice
+# also return each row's greedy choice; 7: expert groups per (tier, launch size) gather their rows from the
+# layer's MoE input and add their outputs to its hidden state on the device; `last_head` graphs
 TOKENIZER_DIR = "tokenizer"
 # Copied from the checkpoint when present: an artifact alone can then take a text prompt and a chat.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -34,7 +35,7 @@ EXPERT_DTYPES = ("fp32", "fp16", "int8")
 # What the graphs are for: `cpu` computes in FP32 (MindSpore's CPU kernels, Ferry's CPU expert kernel);
 # `ascend_310p3` has no BF16 and no CPU op: FP16 matmuls over FP16 weights and KV cache, FP16 or INT8 experts.
 TARGETS = ("cpu", "ascend_310p3")
-GRAPH_KINDS = ("embedding", "head", "attention", "deltanet", "expert_group")
+GRAPH_KINDS = ("embedding", "head", "last_head", "attention", "deltanet", "expert_group")
 TENSOR_DTYPES = ("float32", "float16", "int8", "int32")  # numpy names
 
 
@@ -89,8 +90,8 @@ class GraphRecord:
 
     name: str
     kind: str  # one of GRAPH_KINDS
-    tokens: int | None  # T of a launch; None for an expert group
-    tier: TierRecord | None  # the expert group's [G, C, H] shape; None otherwise
+    tokens: int  # T of a launch
+    tier: TierRecord | None  # an expert group's slots and capacity [G, C]; None for other graphs
     file: FileRecord
     inputs: tuple[TensorSig, ...]
     outputs: tuple[TensorSig, ...]
@@ -200,13 +201,15 @@ class Manifest:
     created_by: str = field(default="ferry")
 
     # -- lookups --------------------------------------------------------------------------------
-    def graph(self, kind: str, tokens: int | None = None, tier: TierRecord | None = None) -> GraphRecord:
+    def graph(self, kind: str, tokens: int, tier: TierRecord | None = None) -> GraphRecord:
         for record in self.graphs:
             if record.kind == kind and record.tokens == tokens and record.tier == tier:
                 return record
-        have = sorted(str(r.tokens if r.tier is None else (r.tier.capacity, r.tier.group))
-                      for r in self.graphs if r.kind == kind)
-        want = tokens if tier is None else f"capacity {tier.capacity}, group {tier.group}"
+        def described(t, tier):
+            return f"{t} tokens" + ("" if tier is None else f", capacity {tier.capacity}, group {tier.group}")
+
+        have = sorted(described(r.tokens, r.tier) for r in self.graphs if r.kind == kind)
+        want = described(tokens, tier)
         raise ArtifactError(f"artifact has no {kind} graph for {want} (it has: {', '.join(have) or 'none'})")
 
     def launch_sizes(self) -> tuple[int, ...]:
@@ -279,17 +282,19 @@ class Manifest:
         for i, g in enumerate(self.graphs):
             if g.kind not in GRAPH_KINDS:
                 fail(f"graphs[{i}].kind is {g.kind!r}, expected one of {GRAPH_KINDS}")
-            if (g.kind == "expert_group") != (g.tier is not None) or (g.tier is None) == (g.tokens is None):
-                fail(f"graphs[{i}] ({g.name}): an expert_group has a tier and no tokens, other graphs the reverse")
+            if (g.kind == "expert_group") != (g.tier is not None) or not isinstance(g.tokens, int) or g.tokens < 1:
+                fail(f"graphs[{i}] ({g.name}): every graph has a launch size (tokens >= 1), an expert_group a tier too, "
+                     "other graphs no tier")
             for sig in g.inputs + g.outputs:
                 if sig.dtype not in TENSOR_DTYPES or any(d < 0 for d in sig.shape):
                     fail(f"graphs[{i}] ({g.name}): bad tensor signature {sig}")
-        kinds = {"embedding", "head"} | {"attention" if k == "full_attention" else "deltanet" for k in spec.layer_types}
-        for kind in sorted(kinds):
-            for tokens in self.launch_sizes():
+        kinds = {"embedding", "head", "last_head"} | {"attention" if k == "full_attention" else "deltanet"
+                                                      for k in spec.layer_types}
+        for tokens in self.launch_sizes():
+            for kind in sorted(kinds):
                 self._require_graph(kind, tokens, None, source)
-        for tier in self.tiers:
-            self._require_graph("expert_group", None, tier, source)
+            for tier in self.tiers:
+                self._require_graph("expert_group", tokens, tier, source)
 
         if self.dense.tied_head != spec.tie_word_embeddings or self.dense.tensors != tuple(dense_plan(spec, self.target)):
             fail("dense.tensors are not the dense weights of the model in 'model' (names, shapes or tied head differ)")

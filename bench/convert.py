@@ -83,8 +83,9 @@ def worker_convert(model_dir: str, out: str, dtype: str, max_context: int) -> di
 
 
 def expert_output_error(model_dir: Path, artifact_dir: Path, layer: int = 0) -> float:
-    """Relative RMS error of 8 experts' outputs (64 random tokens each) through the artifact's widest
-    tier graph and store, against the same experts in FP32 from the checkpoint."""
+    """Relative RMS error of 8 experts' outputs (C random tokens each) through the artifact's widest tier
+    graph (largest capacity C a launch can fill) and store, against the same experts in FP32 from the
+    checkpoint."""
     import mindspore as ms
 
     from artifact.reader import Artifact
@@ -97,24 +98,32 @@ def expert_output_error(model_dir: Path, artifact_dir: Path, layer: int = 0) -> 
     configure()
     artifact = Artifact.open(artifact_dir, verify="none")
     checkpoint = Checkpoint(model_dir)
-    tier = artifact.manifest.tiers[-1]
-    graph = ExportedGraphs(artifact).expert_group(Tier(tier.capacity, tier.group))
+    tokens = max(artifact.manifest.launch_sizes())
+    tier = max((t for t in artifact.manifest.tiers if t.capacity <= tokens), key=lambda t: t.capacity)
+    graph = ExportedGraphs(artifact).expert_group(Tier(tier.capacity, tier.group), tokens)
     weights = StoreExperts(artifact.experts, verify=False)
     rng = np.random.default_rng(0)
     experts = list(range(0, artifact.spec.num_experts, artifact.spec.num_experts // 8))[:8]
+    hidden = ms.Tensor.from_numpy(np.zeros((tokens, artifact.spec.hidden_size), np.float32))
+    shape = (tier.group, tier.capacity)
+    rows = np.zeros(shape, np.int32)
+    rows[0] = np.arange(tier.capacity)  # slot 0 holds tokens 0..C-1; the other slots are empty
+    scale = np.zeros(shape, np.float32)
+    scale[0] = 1.0
+    counts = np.zeros(tier.group, np.int32)
+    counts[0] = tier.capacity
+    launch = [ms.Tensor.from_numpy(a) for a in (rows, scale, counts)]
     error = norm = 0.0
-    for first in range(0, len(experts), tier.group):
-        chosen = (experts[first:] * tier.group)[: tier.group]
-        x = rng.standard_normal((tier.group, tier.capacity, artifact.spec.hidden_size)).astype(np.float32)
-        full = ms.Tensor.from_numpy(np.full(tier.group, tier.capacity, np.int32))
-        ours = graph(ms.Tensor.from_numpy(x), full, *weights.launch_weights(layer, chosen)).asnumpy()
-        for slot, expert in enumerate(chosen):
-            gate_up, down = checkpoint.expert_weights(layer, expert)
-            both = x[slot] @ gate_up.T  # [C, 2I]
-            i = down.shape[1]
-            reference = (both[:, :i] / (1 + np.exp(-both[:, :i])) * both[:, i:]) @ down.T  # [C, H]
-            error += float(((ours[slot] - reference) ** 2).sum())
-            norm += float((reference ** 2).sum())
+    for expert in experts:
+        x = rng.standard_normal((tokens, artifact.spec.hidden_size)).astype(np.float32)
+        ours = graph(hidden, ms.Tensor.from_numpy(x), *launch,
+                     *weights.launch_weights(layer, [expert] * tier.group)).asnumpy()[: tier.capacity]
+        gate_up, down = checkpoint.expert_weights(layer, expert)
+        both = x[: tier.capacity] @ gate_up.T  # [C, 2I]
+        i = down.shape[1]
+        reference = (both[:, :i] / (1 + np.exp(-both[:, :i])) * both[:, i:]) @ down.T  # [C, H]
+        error += float(((ours - reference) ** 2).sum())
+        norm += float((reference ** 2).sum())
     return (error / norm) ** 0.5
 
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from app.demo import DEMO_DIR
 from bench.realwidth import real_width_spec
 from model.spec import load_spec, spec_from_config
-from offload.crossings import decode_crossings
+from offload.crossings import decode_crossings, decode_launches
 from offload.tiers import from_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -32,9 +32,10 @@ def main() -> None:
     print(f"per greedy decode token (sampling reads the logits instead of the id: V x 4 bytes), expert blocks "
           f"excluded; time at {h2d / 1e9:.0f} GB/s (conf/device/ascend_310p3.yaml)")
     for name, spec in models:
-        kinds = decode_crossings(spec, from_config(tiers, default_group=spec.num_experts_per_tok), greedy=True)
+        tier_set = from_config(tiers, default_group=spec.num_experts_per_tok)
+        kinds = decode_crossings(spec, tier_set, greedy=True)
         total = sum(b for _, _, b in kinds.values())
-        launches = 1 + spec.num_layers + kinds["expert output"][1] + 1  # embedding, layers, expert groups, head
+        launches = decode_launches(spec, tier_set)
         print(f"\n{name}: {spec.num_layers} layers, hidden {spec.hidden_size}, vocab {spec.vocab_size}: "
               f"{total / 1024:.1f} KiB in {sum(n for _, n, _ in kinds.values())} transfers, "
               f"{total / h2d * 1e6:.0f} us; {launches} graph launches")

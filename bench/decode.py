@@ -87,8 +87,7 @@ def ferry_worker(artifact: Path, spec, prompt: list[int], tokens: int, threads: 
     residence = None if fraction is None else Residence(int(fraction * total), total, policy, prefetch=True)
     engine = engine_from_artifact(artifact, residence, prefetch_limit=prefetch_limit)
     timed = TimedGraphs(engine.graphs)  # per-kind graph time: wrap the engine's and the dispatcher's launches
-    engine.graphs = timed
-    engine.dispatcher.groups = [timed.timed("experts", group) for group in engine.dispatcher.groups]
+    engine.graphs = engine.dispatcher.graphs = timed
     timed_decode(engine, prompt, tokens)  # compile every shape once, and warm the slots
     stats = engine.dispatcher.stats
     marks = {}

@@ -102,5 +102,8 @@ class TimedGraphs:
     def head(self, tokens):
         return self.timed("head", self.graphs.head(tokens))
 
-    def expert_group(self, tier):
-        return self.timed("experts", self.graphs.expert_group(tier))
+    def last_head(self, tokens):
+        return self.timed("head", self.graphs.last_head(tokens))
+
+    def expert_group(self, tier, tokens):
+        return self.timed("experts", self.graphs.expert_group(tier, tokens))

@@ -84,15 +84,16 @@ def record(engine, predictor: RouterPredictor, drive: Callable[[], object], limi
     rec = Recording([], [])
     original = engine.dispatcher.run
 
-    def recording(layer, x, weights, experts):
-        if x.shape[0] == 1:  # a decode step
+    def recording(layer, hidden, x, weights, experts):
+        if experts.shape[0] == 1:  # a decode step
             if layer == 0:
                 rec.experts.append([[] for _ in range(spec.num_layers)])
                 rec.predicted.append([[] for _ in range(spec.num_layers)])
             rec.experts[-1][layer] = sorted(set(int(e) for e in experts.ravel()))
             if layer + 1 < spec.num_layers:
-                rec.predicted[-1][layer + 1] = predictor.predict(layer + 1, x, limit or spec.num_experts_per_tok)
-        return original(layer, x, weights, experts)
+                guess = predictor.predict(layer + 1, x.asnumpy(), limit or spec.num_experts_per_tok)
+                rec.predicted[-1][layer + 1] = guess
+        return original(layer, hidden, x, weights, experts)
 
     engine.dispatcher.run = recording
     try:

@@ -5,7 +5,8 @@ token, P rotary dims, KV key/value heads, D head dim, W conv width, C conv chann
 Hv/Dk/Dv DeltaNet value heads / key dim / value dim, G slots and Ce capacity of an expert tier.
 
 Every Cell takes its weights as inputs (nothing is a Parameter), so one graph per (kind, launch
-size) serves every layer of that kind, and one expert-group graph per tier serves every expert.
+size) serves every layer of that kind, and one expert-group graph per (tier, launch size) serves
+every expert.
 A graph is exported from zero-filled inputs of its exact shapes: `np.zeros` maps untouched zero
 pages, so even the [V, H] tables of the real model cost no memory here.
 """
@@ -29,7 +30,7 @@ GRAPH_DIR = "graphs"
 class GraphPlan:
     name: str
     kind: str
-    tokens: int | None
+    tokens: int
     tier: TierRecord | None
     inputs: tuple[TensorSig, ...]
     outputs: tuple[TensorSig, ...]
@@ -76,6 +77,8 @@ def graph_plans(spec: ModelSpec, buckets: tuple[int, ...], tiers: tuple[TierReco
         table = _compute(target, v, h)
         plans.append(GraphPlan(f"embedding_t{t}", "embedding", t, None, (_i32(t), table), (_f32(t, h),)))
         plans.append(GraphPlan(f"head_t{t}", "head", t, None, (_f32(t, h), _f32(h), table), (_f32(t, v), _i32(t))))
+        plans.append(GraphPlan(f"last_head_t{t}", "last_head", t, None, (_f32(t, h), _i32(1), _f32(h), table),
+                               (_f32(1, v), _i32(1))))
     if "full_attention" in spec.layer_types:
         weights = _layer_weights(spec, "full_attention", ATTENTION_WEIGHTS, target)
         cache = _compute(target, kv_cache_rows(s, max(sizes)), kv, d)  # updated in place
@@ -93,28 +96,32 @@ def graph_plans(spec: ModelSpec, buckets: tuple[int, ...], tiers: tuple[TierReco
     for tier in tiers:
         g, c = tier.group, tier.capacity
         slot_inputs = tuple(TensorSig(part.shape, part.dtype) for part in parts for _ in range(g))
-        plans.append(GraphPlan(f"experts_{expert_dtype}_g{g}_c{c}", "expert_group", None, tier,
-                               (_f32(g, c, h), _i32(g)) + slot_inputs, (_f32(g, c, h),)))
+        for t in sizes:  # hidden, x, rows, scale, counts, slots -> hidden
+            inputs = (_f32(t, h), _f32(t, h), _i32(g, c), _f32(g, c), _i32(g)) + slot_inputs
+            plans.append(GraphPlan(f"experts_{expert_dtype}_g{g}_c{c}_t{t}", "expert_group", t, tier, inputs,
+                                   (_f32(t, h),)))
     return plans
 
 
 def build_cell(plan: GraphPlan, spec: ModelSpec, expert_dtype: str, target: str = "cpu"):
     """The Cell a plan exports (the same classes the eager engine runs); only a cpu artifact's expert
     groups call Ferry's CPU kernel."""
-    from graphs.embed_head import Embedding, Head
+    from graphs.embed_head import Embedding, Head, LastHead
     from graphs.layer import AttentionLayer, DeltaNetLayer
-    from graphs.moe import ExpertGroup, ExpertGroupFP16, ExpertGroupInt8
+    from graphs.moe import ExpertGroup, ExpertGroupFP16, ExpertGroupInt8, ExpertLaunch
 
     if plan.kind == "embedding":
         return Embedding()
     if plan.kind == "head":
         return Head(spec.rms_norm_eps)
+    if plan.kind == "last_head":
+        return LastHead(spec.rms_norm_eps)
     if plan.kind == "attention":
         return AttentionLayer(spec, plan.tokens)
     if plan.kind == "deltanet":
         return DeltaNetLayer(spec, plan.tokens)
     group = {"fp32": ExpertGroup, "fp16": ExpertGroupFP16, "int8": ExpertGroupInt8}[expert_dtype]
-    return group(plan.tier.group, spec.moe_intermediate_size, cpu_kernels=target == "cpu")
+    return ExpertLaunch(group(plan.tier.group, spec.moe_intermediate_size, cpu_kernels=target == "cpu"))
 
 
 def zero_inputs(signature: tuple[TensorSig, ...]) -> list:

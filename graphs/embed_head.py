@@ -20,5 +20,16 @@ class Head(nn.Cell):
         self.linear = Linear()
 
     def construct(self, h, final_norm, lm_head):
+        return self.project(h, final_norm, lm_head)
+
+    def project(self, h, final_norm, lm_head):
         logits = self.linear(rms_norm(h, final_norm, self.eps), lm_head)  # [T, V]
         return logits, ops.argmax(logits, -1).astype(mstype.int32)  # [T, V], [T]
+
+
+class LastHead(Head):
+    """The head over one row of a launch's hidden states (`row` [1] int32, the last real token): a
+    prompt's last launch reads back one row's logits or choice, and projects one row, not T."""
+
+    def construct(self, h, row, final_norm, lm_head):
+        return self.project(ops.gather(h, row, 0), final_norm, lm_head)  # [1, V], [1]

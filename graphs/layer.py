@@ -3,10 +3,11 @@
 Legend: T tokens in the launch, H hidden, K experts per token.
 
 Each launch returns `partial` = residual + mixer + shared expert, the normed input `x_moe` the
-routed experts consume, and the router's top-K weights and expert ids; the host adds the routed
-experts' weighted outputs to `partial`. Weights arrive as trailing positional inputs ordered by
-`*_WEIGHTS`, so one compiled graph serves every layer of the same kind. (Not as one tuple: MindSpore
-folds a tuple argument into the graph as a constant and would recompile for every layer.)
+routed experts consume, and the router's top-K weights and expert ids; the expert-group launches
+(`graphs.moe.ExpertLaunch`) add the routed experts' weighted outputs to `partial` on the device.
+Weights arrive as trailing positional inputs ordered by `*_WEIGHTS`, so one compiled graph serves
+every layer of the same kind. (Not as one tuple: MindSpore folds a tuple argument into the graph as a
+constant and would recompile for every layer.)
 """
 from mindspore import nn
 

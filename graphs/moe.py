@@ -7,6 +7,8 @@ The routed experts run in an expert-group launch whose weights are *inputs*, one
 so any slot can hold any expert and the offload controller decides where weights live. Which
 tokens go to which slot is decided on the host from the router's output. `ExpertGroupFP16` and
 `ExpertGroupInt8` take the same slots in the expert store's narrower formats and compute in FP32.
+`ExpertLaunch` wraps a group so that the tokens' rows never leave the device: it gathers them from
+the layer's MoE input and adds the weighted outputs to the layer's hidden state, in one launch.
 """
 from mindspore import nn, ops
 from mindspore.common import dtype as mstype
@@ -115,3 +117,25 @@ class ExpertGroupInt8(ExpertGroup):
         down = ops.cast(weights[n + g], self.wide)  # [H, I]
         hidden = swiglu(self.linear(x, gate_up) * weights[2 * n + g], self.intermediate)  # [C, I]
         return self.linear(hidden, down) * weights[3 * n + g]  # [C, H]
+
+
+class ExpertLaunch(nn.Cell):
+    """One expert-group launch over device-resident activations: T tokens, a group of G slots of C rows.
+
+    Inputs: `hidden` [T, H] (the layer's output so far), `x` [T, H] (its MoE input), `rows` [G, C]
+    int32 (the token of each slot row; padding rows name any token), `scale` [G, C] (the router's
+    weight of each row; 0 on padding), `counts` [G] int32, then the group's slot weights. Returns
+    hidden + sum over rows of scale * expert(x[row]) added at each row's token, [T, H]: only `rows`,
+    `scale` and `counts` come from the host.
+    """
+
+    def __init__(self, group: ExpertGroup):
+        super().__init__()
+        self.group = group
+
+    def construct(self, hidden, x, rows, scale, counts, *weights):
+        slots, capacity = rows.shape
+        flat = rows.reshape(-1)  # [G*C]
+        gathered = ops.gather(x, flat, 0).reshape(slots, capacity, -1)  # [G, C, H]
+        y = self.group(gathered, counts, *weights) * scale.reshape(slots, capacity, 1)  # [G, C, H]
+        return ops.tensor_scatter_add(hidden, flat.reshape(-1, 1), y.reshape(slots * capacity, -1))  # [T, H]

@@ -127,27 +127,32 @@ def _size(n: float) -> str:
 def decode_crossings(spec, tiers, greedy: bool = False) -> dict[str, tuple[str, int, int]]:
     """kind -> (direction, transfers, bytes) that one decode token (T = 1) moves between host and
     device in today's engine, from the model's shape and the tiers alone (experts on the device, none
-    computed on the host; streamed blocks not included). H hidden, V vocabulary, P rotary dims, K
+    computed on the host, no prefetch; streamed blocks not included). V vocabulary, P rotary dims, K
     experts per token, L layers; a decode token's K experts, one row each, go in the launches
-    `offload.tiers.plan_launches` makes of them. Nothing depends on the context length: the KV caches
-    and DeltaNet states stay on the device. `greedy`: the head's choice is read back (4 bytes), not the
-    logits (`Engine.next_greedy`, what greedy generation uses)."""
+    `offload.tiers.plan_launches` makes of them, each taking its [G, C] rows and router weights and
+    its [G] counts from the host. Nothing depends on the hidden width or the context length: the
+    hidden state, KV caches and DeltaNet states stay on the device. `greedy`: the head's choice is
+    read back (4 bytes), not the logits (`Engine.next_greedy`, what greedy generation uses)."""
     from offload.tiers import plan_launches
 
-    h, v, p, k, layers = spec.hidden_size, spec.vocab_size, spec.rotary_dim, spec.num_experts_per_tok, spec.num_layers
+    v, p, k, layers = spec.vocab_size, spec.rotary_dim, spec.num_experts_per_tok, spec.num_layers
     launches = plan_launches({expert: 1 for expert in range(k)}, tiers)
     shapes = [(tiers[launch.tier_index].group, tiers[launch.tier_index].capacity) for launch in launches]
-    expert_in = layers * sum(g * c * h * 4 + g * 4 for g, c in shapes)  # rows, and the real rows of each slot
-    expert_out = layers * sum(g * c * h * 4 for g, c in shapes)
+    rows = layers * sum(2 * g * c * 4 + g * 4 for g, c in shapes)  # token and weight of each row; counts
     return {
         "token ids": (H2D, 1, 4),
         "rope tables": (H2D, 2, 2 * p * 4),
         "scalars": (H2D, 2, 8),  # tokens in the launch, cached length
-        "moe input": (D2H, layers, layers * h * 4),
         "router choice": (D2H, 2 * layers, layers * k * (4 + 4)),  # top-k weights (f32) and ids (i32)
-        "hidden out": (D2H, layers, layers * h * 4),  # each layer's output, to add the routed experts
-        "hidden in": (H2D, layers + 1, (layers + 1) * h * 4),  # back as the next layer's input; the head's row
-        "expert input": (H2D, 2 * layers * len(shapes), expert_in),
-        "expert output": (D2H, layers * len(shapes), expert_out),
+        "expert rows": (H2D, 3 * layers * len(shapes), rows),
+        "last row": (H2D, 1, 4),  # the head's row of the launch
         **({"next token": (D2H, 1, 4)} if greedy else {"logits": (D2H, 1, v * 4)}),
     }
+
+
+def decode_launches(spec, tiers) -> int:
+    """Graph launches of one decode token: the embedding, each layer, its expert groups, the head."""
+    from offload.tiers import plan_launches
+
+    per_layer = len(plan_launches({expert: 1 for expert in range(spec.num_experts_per_tok)}, tiers))
+    return 2 + spec.num_layers * (1 + per_layer)

@@ -1,16 +1,24 @@
 """Routed-expert dispatch for one layer: group tokens by expert, launch per capacity tier, combine.
 
-Legend: N real tokens, K experts per token, H hidden, E experts, G slots and C capacity of a tier.
+Legend: T tokens in the launch, N real tokens (N <= T), K experts per token, H hidden, E experts,
+G slots and C capacity of a tier.
 
-The router's choice comes back to the host (the one read per layer the offload controller needs);
-tokens are sorted by expert, cut into pieces by `plan_launches`, gathered into the tier's padded
-`[G, C, H]` input, and each launch's output rows are added to their tokens, weighted by the router.
-Where the weights of a launch come from is the `ExpertWeights` provider's business.
+The layer's hidden state and MoE input stay on the device; the router's choice comes back to the
+host (the one read per layer the offload controller needs). Tokens are sorted by expert and cut
+into pieces by `plan_launches`; each launch of a tier's expert-group graph (`ExpertLaunch`) takes
+from the host only which token each slot row holds and its router weight, gathers those rows of
+the MoE input, and adds the weighted outputs to the hidden state, on the device. Where the weights
+of a launch come from is the `ExpertWeights` provider's business.
 
 The offload controller hooks in here: a `Placement` sends some experts to host compute (numpy, from
-the host store) instead of launches; a `Prefetcher` gets the layer's MoE input as soon as the
-layer's last launch has its weights, to stream the next layer's experts while this one computes;
-`stats` (`OffloadCounters`) counts launches and padding per layer and tier, and host experts.
+the host store) instead of launches, which reads the MoE input and the hidden state back and sends
+the sum over; a `Prefetcher` gets the layer's MoE input (read back for it) as soon as the layer's
+last launch has its weights, to stream the next layer's experts while this one computes; `stats`
+(`OffloadCounters`) counts launches and padding per layer and tier, and host experts.
+
+Launches run in order on one stream, so a slot is free for the next copy once the launch that reads
+it has been issued on the CPU backend (graph calls return when done); on a card, a copy into a slot
+would wait on the event of the last launch that read it.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ from offload.tiers import Launch, Tier, TierSet, plan_launches
 
 
 class ExpertGroupGraphs(Protocol):
-    def expert_group(self, tier: Tier) -> Callable: ...
+    def expert_group(self, tier: Tier, tokens: int) -> Callable: ...
 
 
 class ExpertWeights(Protocol):
@@ -45,10 +53,8 @@ class ExpertDispatcher:
         self.spec = spec
         self.tiers = tiers
         self.weights = weights
-        self.groups = [graphs.expert_group(tier) for tier in tiers]
-        # reusable host buffers per tier: the padded launch input and the real rows of each slot
-        self.inputs = [np.zeros((t.group, t.capacity, spec.hidden_size), np.float32) for t in tiers]
-        self.counts = [np.zeros(t.group, np.int32) for t in tiers]
+        self.graphs = graphs
+        self._groups: dict[tuple[int, int], Callable] = {}  # (tier index, T) -> expert-group graph
         self.placement = placement or Placement()
         if self.placement.uses_host and host_store is None:
             raise ValueError("a placement that computes experts on the host needs the host expert store")
@@ -58,15 +64,18 @@ class ExpertDispatcher:
         self.crossings = crossings or Crossings()  # the engine's launches count theirs here too
         self._resident = getattr(weights, "is_resident", None)
 
-    def run(self, layer: int, x: np.ndarray, weights: np.ndarray, experts: np.ndarray) -> np.ndarray:
-        """Weighted sum of routed expert outputs. x [N, H], weights/experts [N, K] -> [N, H]."""
+    def run(self, layer: int, hidden: ms.Tensor, x: ms.Tensor, weights: np.ndarray, experts: np.ndarray) -> ms.Tensor:
+        """`hidden` plus the weighted sum of the routed experts' outputs, [T, H] on the device.
+
+        hidden, x [T, H] device tensors (the layer's output so far, its MoE input); weights and
+        experts [N, K] the router's choice for the N real tokens, on the host (the padding rows of a
+        launch route nowhere)."""
         n, k = experts.shape
         flat = experts.reshape(-1)  # [N*K] expert of each (token, choice)
         order = np.argsort(flat, kind="stable")  # (token, choice) rows grouped by expert
         loads = np.bincount(flat, minlength=self.spec.num_experts)  # [E]
         starts = np.concatenate(([0], np.cumsum(loads)[:-1]))  # [E] first row of each expert in `order`
-        scale = weights.reshape(-1)  # [N*K]
-        out = np.zeros((n, x.shape[1]), np.float32)
+        scale = weights.reshape(-1).astype(np.float32)  # [N*K]
         on_host = self._host_experts(layer, loads)
         device_loads = loads
         if on_host:
@@ -74,17 +83,12 @@ class ExpertDispatcher:
             device_loads[on_host] = 0
         launches = plan_launches(device_loads, self.tiers)
         if not launches:
-            self._hint(layer, x)
+            self._hint(layer, x, n)
         for i, launch in enumerate(launches):
-            self._launch(layer, launch, x, order, starts, scale, out, k, hint=i == len(launches) - 1)
-        for expert in on_host:
-            rows = order[starts[expert] : starts[expert] + loads[expert]]  # flat (token, choice) indices
-            self.host_store.verify_once(layer, expert)
-            y = host_expert(x[rows // k], self.host_store.arrays(layer, expert))  # [rows, H]
-            out[rows // k] += y * scale[rows, None]
-            self.stats.layers[layer].host_experts += 1
-            self.stats.layers[layer].host_tokens += len(rows)
-        return out
+            hidden = self._launch(layer, launch, hidden, x, n, order, starts, scale, k, hint=i == len(launches) - 1)
+        if on_host:
+            hidden = self._add_host_experts(layer, on_host, hidden, x, n, order, starts, loads, scale, k)
+        return hidden
 
     @property
     def counters(self) -> LayerCounters:
@@ -106,43 +110,62 @@ class ExpertDispatcher:
         return [int(e) for e in np.flatnonzero(loads)
                 if self.placement.on_host(layer, int(e), int(loads[e]), resident(layer, int(e)))]
 
-    def _hint(self, layer: int, x: np.ndarray) -> None:
+    def _hint(self, layer: int, x: ms.Tensor, n: int) -> None:
         if self.prefetcher is None:
             return
         if self.prefetcher.error is not None:
             raise RuntimeError(f"the prefetch thread failed: {self.prefetcher.error!r}") from self.prefetcher.error
-        self.prefetcher.hint(layer, x)
+        self.prefetcher.hint(layer, self.crossings.to_host("prefetch input", x)[:n])
 
-    def _launch(self, layer, launch: Launch, x, order, starts, scale, out, k, hint: bool = False) -> None:
+    def _group(self, tier_index: int, tokens: int) -> Callable:
+        graph = self._groups.get((tier_index, tokens))
+        if graph is None:
+            graph = self._groups[tier_index, tokens] = self.graphs.expert_group(self.tiers[tier_index], tokens)
+        return graph
+
+    def _launch(self, layer, launch: Launch, hidden, x, n, order, starts, scale, k, hint: bool = False) -> ms.Tensor:
         tier = self.tiers[launch.tier_index]
-        buffer = self.inputs[launch.tier_index]  # [G, C, H]
-        counts = self.counts[launch.tier_index]  # [G]
-        buffer.fill(0.0)
-        counts.fill(0)
-        rows = []
+        # fresh arrays per launch: a launch input shares its array's memory until the launch has run
+        rows = np.zeros((tier.group, tier.capacity), np.int32)  # [G, C] token of each slot row
+        row_scale = np.zeros((tier.group, tier.capacity), np.float32)  # [G, C] router weight; 0: padding
+        counts = np.zeros(tier.group, np.int32)  # [G]
         for g, piece in enumerate(launch.pieces):
             first = starts[piece.expert] + piece.start
             piece_rows = order[first : first + piece.count]  # flat (token, choice) indices
-            buffer[g, : piece.count] = x[piece_rows // k]
+            rows[g, : piece.count] = piece_rows // k
+            row_scale[g, : piece.count] = scale[piece_rows]
             counts[g] = piece.count
-            rows.append(piece_rows)
         experts = [piece.expert for piece in launch.pieces]
         experts += [experts[0]] * (tier.group - len(experts))  # padding slots reuse a resident expert
         weights = self.weights.launch_weights(layer, experts)
         if hint:  # the layer's last launch has its slots: prefetching can no longer evict them
-            self._hint(layer, x)
-        crossings = self.crossings
-        y = crossings.to_host("expert output", self.groups[launch.tier_index](
-            crossings.to_device("expert input", buffer), crossings.to_device("expert input", counts),
-            *weights))  # [G, C, H]
-        crossings.launched()
-        for g, piece_rows in enumerate(rows):
-            out[piece_rows // k] += y[g, : len(piece_rows)] * scale[piece_rows, None]
-        carried = sum(len(r) for r in rows)
+            self._hint(layer, x, n)
+        c = self.crossings
+        hidden = self._group(launch.tier_index, hidden.shape[0])(
+            hidden, x, c.to_device("expert rows", rows), c.to_device("expert rows", row_scale),
+            c.to_device("expert rows", counts), *weights)  # [T, H]
+        c.launched()
+        carried = int(counts.sum())
         per_layer = self.stats.layers[layer]
         per_layer.launches[launch.tier_index] += 1
         per_layer.tokens[launch.tier_index] += carried
         per_layer.padding[launch.tier_index] += tier.slot_tokens - carried
+        return hidden
+
+    def _add_host_experts(self, layer, on_host, hidden, x, n, order, starts, loads, scale, k) -> ms.Tensor:
+        """Compute `on_host` experts in numpy from the host store and add them to `hidden`: the MoE
+        input and the hidden state cross to the host and the sum crosses back."""
+        c = self.crossings
+        x_host = c.to_host("host expert input", x)[:n]  # [N, H]
+        total = c.to_host("hidden out", hidden)  # [T, H]
+        for expert in on_host:
+            rows = order[starts[expert] : starts[expert] + loads[expert]]  # flat (token, choice) indices
+            self.host_store.verify_once(layer, expert)
+            y = host_expert(x_host[rows // k], self.host_store.arrays(layer, expert))  # [rows, H]
+            total[rows // k] += y * scale[rows, None]  # an expert holds a token once
+            self.stats.layers[layer].host_experts += 1
+            self.stats.layers[layer].host_tokens += len(rows)
+        return c.to_device("hidden in", total)
 
 
 class ResidentExperts:

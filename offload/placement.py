@@ -120,11 +120,11 @@ def _fastest(fn: Callable[[int], object], repeats: int) -> float:
     return min(times)
 
 
-def measure_costs(store, tiers: TierSet, expert_group: Callable, repeats: int = 7) -> CostModel:
+def measure_costs(store, tiers: TierSet, expert_group: Callable, tokens: int, repeats: int = 7) -> CostModel:
     """Time a block read into a slot, host compute at 1 and C_max tokens, and one launch of every tier.
 
-    `store` is the artifact's expert store (`read_into`, `arrays`); `expert_group(tier)` gives the
-    tier's graph (e.g. `GraphSet.expert_group`). Every repeat uses other experts of layer 0 than the
+    `store` is the artifact's expert store (`read_into`, `arrays`); `expert_group(tier, tokens)` gives
+    the tier's graph for launches of `tokens` tokens (e.g. `GraphSet.expert_group`), timed full. Every repeat uses other experts of layer 0 than the
     one before, so that, as for a real miss, the weights are not already in the CPU's caches; the
     scratch slots are allocated here and dropped after.
     """
@@ -145,12 +145,16 @@ def measure_costs(store, tiers: TierSet, expert_group: Callable, repeats: int = 
     per_token = max(many - one, 0.0) / max(wide - 1, 1)
     tensors = [[ms.Tensor.from_numpy(a) for a in slot] for slot in views]
     launch_s = []
+    state = ms.Tensor.from_numpy(np.zeros((tokens, hidden), np.float32))
+    moe_input = ms.Tensor.from_numpy(rng.standard_normal((tokens, hidden)).astype(np.float32))
     for tier in tiers:
-        graph = expert_group(tier)
-        inputs = ms.Tensor.from_numpy(rng.standard_normal((tier.group, tier.capacity, hidden)).astype(np.float32))
+        graph = expert_group(tier, tokens)
+        shape = (tier.group, tier.capacity)
+        rows = ms.Tensor.from_numpy((np.arange(tier.slot_tokens) % tokens).astype(np.int32).reshape(shape))
+        scale = ms.Tensor.from_numpy(np.ones(shape, np.float32))
         full = ms.Tensor.from_numpy(np.full(tier.group, tier.capacity, np.int32))
         args = [tensors[g][a] for a in range(len(views[0])) for g in range(tier.group)]
-        launch_s.append(_fastest(lambda r: graph(inputs, full, *args).asnumpy(), repeats))
+        launch_s.append(_fastest(lambda r: graph(state, moe_input, rows, scale, full, *args).asnumpy(), repeats))
     return CostModel(copy_s, max(one - per_token, 0.0), per_token, tuple(launch_s), tiers)
 
 

@@ -89,7 +89,8 @@ def _streaming_dispatcher(artifact, tiers: TierSet, graphs, residence: Residence
     if (residence.prefetch or residence.host_compute) and host_blas_threads is not None:
         limit_blas_threads(host_blas_threads)
     where = placement_from_config(residence.host_compute, spec.num_layers, spec.num_experts,
-                                  measure=lambda: measure_costs(store, tiers, graphs.expert_group))
+                                  measure=lambda: measure_costs(store, tiers, graphs.expert_group,
+                                                                max(artifact.manifest.launch_sizes())))
     crossings = Crossings()
     experts = OffloadedExperts(store, residence.slots, make_policy(residence.policy, **(policy_kwargs or {})), stats,
                                record_requests=record_requests, crossings=crossings)

@@ -5,8 +5,10 @@ S cache capacity (max context), P rotary dims.
 
 A prompt is cut into launches of the bucket sizes compiled in advance; the last launch of a prompt
 is padded and the graphs ignore the padding (`n_valid`). Dense weights stay as device tensors for
-the whole run; routed experts come through the `ExpertDispatcher`, which is told the wall time of
-every launch (the offload counters read stall time as a fraction of it).
+the whole run, and so does the hidden state from the embedding to the head: per layer only the
+router's choice is read back, for the `ExpertDispatcher` to plan the routed experts' launches, which
+add their outputs on the device. The dispatcher is told the wall time of every launch (the offload
+counters read stall time as a fraction of it).
 """
 from __future__ import annotations
 
@@ -181,15 +183,12 @@ class Engine:
                 partial, x_moe, top_w, top_e, state.conv[layer], state.recurrent[layer] = deltanet(
                     h, state.conv[layer], state.recurrent[layer], n_valid, *weights)
             c.launched()
-            routed = self.dispatcher.run(layer, c.to_host("moe input", x_moe)[:n],
-                                         c.to_host("router choice", top_w)[:n], c.to_host("router choice", top_e)[:n])
-            hidden = c.to_host("hidden out", partial)  # [T, H]
-            hidden[:n] += routed
-            h = c.to_device("hidden in", hidden)
+            h = self.dispatcher.run(layer, partial, x_moe, c.to_host("router choice", top_w)[:n],
+                                    c.to_host("router choice", top_e)[:n])  # [T, H], on the device
         state.length += n
         c.launched()  # the head
         if out == "all":
             return c.to_host("logits", self.graphs.head(tokens)(h, self.final_norm, self.lm_head)[0])[:n]  # [N, V]
-        last = c.to_device("hidden in", np.ascontiguousarray(hidden[n - 1 : n]))
-        logits, choice = self.graphs.head(1)(last, self.final_norm, self.lm_head)  # [1, V], [1]
+        row = c.to_device("last row", np.array([n - 1], np.int32))
+        logits, choice = self.graphs.last_head(tokens)(h, row, self.final_norm, self.lm_head)  # [1, V], [1]
         return c.to_host("next token", choice) if out == "greedy" else c.to_host("logits", logits)

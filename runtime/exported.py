@@ -89,5 +89,8 @@ class ExportedGraphs:
     def head(self, tokens: int) -> GraphLaunch:
         return self._launch(self.manifest.graph("head", tokens))
 
-    def expert_group(self, tier: Tier) -> GraphLaunch:
-        return self._launch(self.manifest.graph("expert_group", tier=TierRecord(tier.capacity, tier.group)))
+    def last_head(self, tokens: int) -> GraphLaunch:
+        return self._launch(self.manifest.graph("last_head", tokens))
+
+    def expert_group(self, tier: Tier, tokens: int) -> GraphLaunch:
+        return self._launch(self.manifest.graph("expert_group", tokens, TierRecord(tier.capacity, tier.group)))

@@ -1,6 +1,7 @@
 """Where the engine's launchable graphs come from: Cells compiled on first use, or exported MindIR.
 
 Legend: T tokens in a launch, G slots and C capacity of a tier.
+A Cell compiles once per input shape, so one instance serves every T.
 Both sources hand out callables with the Cells' signatures, so the launch loop does not care
 which one it runs.
 """
@@ -11,9 +12,9 @@ from dataclasses import replace
 from typing import Callable, Protocol
 
 from model.spec import ModelSpec
-from graphs.embed_head import Embedding, Head
+from graphs.embed_head import Embedding, Head, LastHead
 from graphs.layer import AttentionLayer, DeltaNetLayer
-from graphs.moe import ExpertGroup
+from graphs.moe import ExpertGroup, ExpertLaunch
 from offload.tiers import Tier
 
 
@@ -26,7 +27,9 @@ class GraphSet(Protocol):
 
     def head(self, tokens: int) -> Callable: ...
 
-    def expert_group(self, tier: Tier) -> Callable: ...
+    def last_head(self, tokens: int) -> Callable: ...
+
+    def expert_group(self, tier: Tier, tokens: int) -> Callable: ...
 
 
 def graph_spec(spec: ModelSpec) -> ModelSpec:
@@ -50,8 +53,18 @@ def _expert_group(slots: int, intermediate: int) -> ExpertGroup:
 
 
 @functools.cache
+def _expert_launch(slots: int, intermediate: int) -> ExpertLaunch:
+    return ExpertLaunch(_expert_group(slots, intermediate))
+
+
+@functools.cache
 def _head(eps: float) -> Head:
     return Head(eps)
+
+
+@functools.cache
+def _last_head(eps: float) -> LastHead:
+    return LastHead(eps)
 
 
 _EMBEDDING = Embedding()
@@ -79,5 +92,8 @@ class CellGraphs:
     def head(self, tokens: int) -> Head:
         return _head(self.spec.rms_norm_eps)
 
-    def expert_group(self, tier: Tier) -> ExpertGroup:
-        return _expert_group(tier.group, self.spec.moe_intermediate_size)
+    def last_head(self, tokens: int) -> LastHead:
+        return _last_head(self.spec.rms_norm_eps)
+
+    def expert_group(self, tier: Tier, tokens: int) -> ExpertLaunch:
+        return _expert_launch(tier.group, self.spec.moe_intermediate_size)

@@ -27,15 +27,15 @@ NOTEBOOK = REPO / "notebooks" / "calibrate_tiers.ipynb"
 
 
 class CountingDispatcher:
-    """Stands in for ExpertDispatcher: counts calls, returns zeros, has a counters attribute."""
+    """Stands in for ExpertDispatcher: counts calls, returns the hidden state, has a counters attribute."""
 
     def __init__(self):
         self.calls = []
         self.counters = "the real dispatcher's counters"
 
-    def run(self, layer, x, weights, experts):
+    def run(self, layer, hidden, x, weights, experts):
         self.calls.append((layer, experts.copy()))
-        return np.zeros_like(x)
+        return hidden
 
 
 class FakeEngine:
@@ -59,7 +59,8 @@ class FakeEngine:
         self.launch_sizes.append(ids.size)
         for layer in range(self.spec.num_layers):
             experts = (ids[:, None] + layer + np.arange(self.spec.num_experts_per_tok)[None, :]) % self.spec.num_experts
-            self.dispatcher.run(layer, np.ones((ids.size, 4), np.float32), np.ones(experts.shape, np.float32), experts)
+            x = np.ones((ids.size, 4), np.float32)
+            self.dispatcher.run(layer, x, x, np.ones(experts.shape, np.float32), experts)
         logits = np.zeros(self.spec.vocab_size)
         logits[(ids[-1] * 7 + 3) % self.spec.vocab_size] = 1.0  # greedy: next id is a function of the last
         return logits
@@ -91,11 +92,11 @@ def test_recorder_forwards_attributes_and_rejects_out_of_order_layers():
     with pytest.raises(ValueError, match="recorded no step"):
         recorder.trace()
     experts = np.array([[0, 1]])
-    recorder.run(0, np.zeros((1, 4)), np.ones((1, 2)), experts)
+    recorder.run(0, np.zeros((1, 4)), np.zeros((1, 4)), np.ones((1, 2)), experts)
     with pytest.raises(ValueError, match="stopped after 1 of 2 layers"):
         recorder.trace()
     with pytest.raises(RuntimeError, match="saw layer 0 after|saw layer 2"):
-        recorder.run(2, np.zeros((1, 4)), np.ones((1, 2)), experts)
+        recorder.run(2, np.zeros((1, 4)), np.zeros((1, 4)), np.ones((1, 2)), experts)
 
 
 def test_record_routing_refuses_a_prompt_past_max_context():

@@ -85,8 +85,8 @@ def test_artifact_layout(base):
     assert len(manifest.experts.blocks) == spec.num_layers * spec.num_experts
     assert all(b.offset % 4096 == 0 for b in manifest.experts.blocks)
     assert {g.name for g in manifest.graphs} == {
-        *(f"{kind}_t{t}" for kind in ("embedding", "head", "attention", "deltanet") for t in (1, 16, 64)),
-        "experts_fp32_g2_c1", "experts_fp32_g4_c8", "experts_fp32_g2_c64"}
+        *(f"{kind}_t{t}" for kind in ("embedding", "head", "last_head", "attention", "deltanet") for t in (1, 16, 64)),
+        *(f"experts_fp32_{tier}_t{t}" for tier in ("g2_c1", "g4_c8", "g2_c64") for t in (1, 16, 64))}
 
 
 def test_fp32_artifact_matches_transformers_and_eager_cells(base, fp32_engine, eager_engine):
@@ -317,11 +317,11 @@ def test_cli_convert_inspect_verify_query(base, narrow, tmp_path, capsys):
 
     assert cli(["inspect", str(out)]) == 0
     printed = capsys.readouterr().out
-    for needle in ("hidden_size", "experts_int8_g4_c8", "gate_up_scale", "tiers (capacity x group): 1x2, 8x4",
+    for needle in ("hidden_size", "experts_int8_g4_c8_t16", "gate_up_scale", "tiers (capacity x group): 1x2, 8x4",
                    "dense.safetensors"):
         assert needle in printed
     assert cli(["verify", str(out)]) == 0
-    assert "OK: 15 files and 32 expert blocks" in capsys.readouterr().out
+    assert "OK: 22 files and 32 expert blocks" in capsys.readouterr().out
     assert cli(["query", str(out), "--expert", "3", "7"]) == 0
     printed = capsys.readouterr().out
     assert "layer 3 expert 7" in printed and "int8" in printed and "as computed (FP32)" in printed

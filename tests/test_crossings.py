@@ -6,13 +6,15 @@ streamed (where each missed expert adds one block copy), at any context length.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from checkpoints import TinyShape, write_checkpoint
 from artifact.manifest import TierRecord
 from artifact.reader import Artifact
 from convert.pipeline import ConvertOptions, convert
-from offload.crossings import H2D, decode_crossings
+from offload.crossings import H2D, decode_crossings, decode_launches
 from offload.residence import Residence
 from runtime.build import engine_from_artifact
 
@@ -56,6 +58,7 @@ def test_a_decode_token_crosses_what_the_formula_says(artifact, slots):
     ledger = crossings.to_dict()
     assert ledger["decode"]["tokens"] == 1
     assert ledger["decode"]["launches"] == 1 + spec.num_layers + sum(stats.launches) + 1  # embedding, layers, experts, head
+    assert ledger["decode"]["launches"] == decode_launches(spec, tiers)
     found = {kind: (t["direction"], t["transfers"], t["bytes"]) for kind, t in ledger["decode"]["kinds"].items()}
     assert found == expected
     beyond_blocks = sum(b for kind, (_, _, b) in expected.items() if kind != "expert block")
@@ -136,3 +139,20 @@ def test_greedy_generation_reads_back_the_chosen_id_only(artifact):
     decode = {kind: (t.direction, t.transfers, t.bytes) for kind, t in ledger.kinds["decode"].items()}
     one = decode_crossings(engine.spec, tiers, greedy=True)
     assert decode == {kind: (d, n * 5, b * 5) for kind, (d, n, b) in one.items()}  # 5 decode steps
+
+
+def test_a_qwen36_decode_token_crosses_under_64_kib_beyond_expert_blocks():
+    """The target of the NPU-shaped step, by the formula the tests above hold the engine to: Qwen3.6's
+    40 layers with the default tiers, greedy."""
+    from omegaconf import OmegaConf
+
+    from model.spec import spec_from_config
+    from offload.tiers import from_config
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    model = OmegaConf.to_container(OmegaConf.load(conf / "model" / "qwen36_35b.yaml"), resolve=True)
+    spec = spec_from_config(model["config"], conf / "model" / "qwen36_35b.yaml")
+    tiers = OmegaConf.to_container(OmegaConf.load(conf / "tiers" / "default.yaml"), resolve=True)["tiers"]
+    kinds = decode_crossings(spec, from_config(tiers, default_group=spec.num_experts_per_tok), greedy=True)
+    assert spec.num_layers == 40 and spec.hidden_size == 2048
+    assert sum(nbytes for _, _, nbytes in kinds.values()) < 64 * 1024
