@@ -2,13 +2,27 @@
 
 Legend: T tokens in a launch, G slots and C capacity of a tier.
 A graph file is loaded (`mindspore.load`) the first time its shape is asked for and compiled on
-its first call, then kept (per process, by checksum: identical graphs of two artifacts load once). Each launch's arguments are checked against the signature the manifest
-records, so a wrong shape fails naming the graph and the input instead of deep inside MindSpore.
+its first call, then kept (per process, by checksum: identical graphs of two artifacts load once).
+Each launch's arguments are checked against the signature the manifest records, so a wrong shape
+fails naming the graph and the input instead of deep inside MindSpore.
+
+After its first call a graph is run by MindSpore's graph executor directly, under the phase that
+call compiled: `Cell.__call__` recomputes on every call what the executor needs once (the
+arguments' key, the compile-cache lookup, the JIT config), most of a launch's host cost
+(`python -m bench.launch_overhead`). The executor is MindSpore 2.10's (setup.cfg pins it); where it
+is not found, every call goes through `GraphCell.__call__`.
 """
 from __future__ import annotations
 
 import mindspore as ms
 from mindspore import nn
+
+try:
+    from mindspore.graph.api import _cell_graph_executor
+
+    _EXECUTOR = _cell_graph_executor._graph_executor  # runs a compiled phase: executor(args, phase)
+except (ImportError, AttributeError):
+    _EXECUTOR = None
 
 from artifact.reader import Artifact
 from kernels.build import VARIABLE, compiled
@@ -44,15 +58,26 @@ class GraphLaunch:
     def __init__(self, cell: nn.GraphCell, record: GraphRecord):
         self.cell, self.record = cell, record
         self.signature = tuple((tuple(s.shape), _DTYPES[s.dtype]) for s in record.inputs)
+        self._phase: str | None = None  # the compiled phase, once the first call has compiled it
 
     def __call__(self, *args):
         if len(args) != len(self.signature):
             raise ValueError(f"graph {self.record.name} takes {len(self.signature)} inputs, got {len(args)}")
         for index, (arg, (shape, dtype)) in enumerate(zip(args, self.signature)):
-            if tuple(arg.shape) != shape or arg.dtype != dtype:
+            if arg.shape != shape or arg.dtype != dtype:
                 raise ValueError(f"graph {self.record.name} input {index}: expected {dtype} {shape}, "
                                  f"got {arg.dtype} {tuple(arg.shape)}")
-        return self.cell(*args)
+        return self.run(args)
+
+    def run(self, args: tuple):
+        """Run on arguments of the signature (unchecked): the first call compiles the graph (or finds it
+        compiled, for a graph shared with another artifact) through `GraphCell.__call__`."""
+        if self._phase is not None:
+            return _EXECUTOR(args, self._phase)
+        outputs = self.cell(*args)
+        if _EXECUTOR is not None:
+            self._phase = self.cell.compile_phase
+        return outputs
 
 
 class ExportedGraphs:
