@@ -109,6 +109,8 @@ def ferry_worker(artifact: Path, spec, prompt: list[int], tokens: int, threads: 
             "mb_streamed_per_token": (total_counts["bytes_streamed"] - marks["bytes_streamed"]) / steps / 1e6,
             "stall_fraction": (total_counts["stall_s"] - marks["stall_s"]) / seconds,
             "hit_rate": (total_counts["hits"] - marks["hits"]) / asked if asked else 1.0,
+            "misses_per_token": (total_counts["misses"] - marks["misses"]) / steps,
+            "prefetches_per_token": (total_counts["prefetch_issued"] - marks["prefetch_issued"]) / steps,
             "crossing_bytes_per_token": crossings.per_token("decode", beyond_blocks),
             "launches_per_token": crossings.launches["decode"] / crossings.tokens["decode"]}
 
