@@ -27,6 +27,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import numpy as np  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DECODE = Path(__file__).with_name("decode.py")
+WORKING_SET = 16  # expert groups (or blocks) per layer the profile cycles through
 
 
 def _per_call_s(call, calls: int = 15) -> float:
@@ -53,18 +55,17 @@ def profile_worker(artifact: Path, threads: int) -> dict:
     import mindspore as ms
 
     from bench.launch_overhead import contenders
+    from offload.residence import Residence
     from offload.timeline import decode_launches
     from runtime.backend import configure
     from runtime.build import engine_from_artifact
 
     configure(threads=threads)
-    engine = engine_from_artifact(artifact)
+    engine = engine_from_artifact(artifact, verify="none")  # a run checks each block once, before these timings
     spec, dispatcher = engine.spec, engine.dispatcher
     tiers = dispatcher.tiers
     engine.next_greedy(list(range(1, 33)))  # compiles the prefill and decode graphs
     engine.next_greedy([5])
-    import tempfile
-
     with tempfile.TemporaryDirectory() as scratch:
         small, large = (contenders(n, Path(scratch))["GraphLaunch"] for n in (2, 32))
         t_small, t_large = _per_call_s(small, 300), _per_call_s(large, 300)
@@ -96,15 +97,17 @@ def profile_worker(artifact: Path, threads: int) -> dict:
     rows = ms.Tensor.from_numpy(np.zeros((tier.group, tier.capacity), np.int32))
     scale = ms.Tensor.from_numpy(np.full((tier.group, tier.capacity), 1 / tier.group, np.float32))
     counts = ms.Tensor.from_numpy(np.ones(tier.group, np.int32))
+    groups = [[(i * tier.group + g) % spec.num_experts for g in range(tier.group)] for i in range(WORKING_SET)]
     picks = iter(range(10**6))
 
-    def expert_call():  # other experts each call: their weights come from memory, as in a decode step
-        step = next(picks)
-        chosen = [(step * tier.group + g) % spec.num_experts for g in range(tier.group)]
-        weights = dispatcher.weights.launch_weights(step % spec.num_layers, chosen)
+    def expert_call():  # other experts each call, from a set far beyond the CPU's caches, mapped in already
+        i = next(picks) % (WORKING_SET * spec.num_layers)
+        weights = dispatcher.weights.launch_weights(i % spec.num_layers, groups[i // spec.num_layers])
         group(hidden, hidden, rows, scale, counts, *weights).asnumpy()
 
-    gbps["experts"] = experts.bytes / max(_per_call_s(expert_call) - host_cost(experts.inputs), 1e-6) / 1e9
+    for _ in range(WORKING_SET * spec.num_layers):  # a decode run's experts are mapped and cached after warm-up
+        expert_call()
+    gbps["experts"] = experts.bytes / max(_per_call_s(expert_call, 30) - host_cost(experts.inputs), 1e-6) / 1e9
     last = ms.Tensor.from_numpy(np.zeros(1, np.int32))
     head_call = lambda: engine.graphs.last_head(1)(hidden, last, engine.final_norm, engine.lm_head)[1].asnumpy()
     gbps["head"] = head.bytes / max(_per_call_s(head_call) - host_cost(head.inputs), 1e-6) / 1e9
@@ -123,6 +126,15 @@ def profile_worker(artifact: Path, threads: int) -> dict:
     plans = iter(range(10**6))
     plan_s = _per_call_s(lambda: dispatcher.run(0, hidden, hidden, weights, routing[next(plans) % 64]), 60)
     engine.close()
+    square = rng.standard_normal((1024, 1024)).astype(np.float32)
+    tflops = 2 * 1024**3 / _per_call_s(lambda: square @ square, 10) / 1e12  # numpy's BLAS, FP32
+    total = spec.num_layers * spec.num_experts  # the same with a slot pool, every request a hit
+    streamed = engine_from_artifact(artifact, Residence(total // 4, total, "decay"), verify="none").dispatcher
+    streamed.graphs = NoLaunch()
+    for routed in routing:  # the 64 routings' experts fit in the pool: after this pass, all hits
+        streamed.run(0, hidden, hidden, weights, routed)
+    plan_streamed_s = _per_call_s(lambda: streamed.run(0, hidden, hidden, weights, routing[next(plans) % 64]), 60)
+    streamed.close()
     from artifact.reader import Artifact
     from offload.offloaded import slot_buffers
 
@@ -130,21 +142,25 @@ def profile_worker(artifact: Path, threads: int) -> dict:
     slot, _ = slot_buffers(source, 1)
     copies = iter(range(10**6))
 
-    def copy_one():  # other blocks each call, as misses are
-        step = next(copies)
-        source.read_into(step % spec.num_layers, step * 37 % spec.num_experts, slot[0])
+    def copy_one():  # other blocks each call, from a set the page cache holds (a run's warm-up reads them)
+        i = next(copies) % (WORKING_SET * spec.num_layers)
+        source.read_into(i % spec.num_layers, i // spec.num_layers * 7 % spec.num_experts, slot[0])
 
-    copy_s = _per_call_s(copy_one, 30)
-    return {"gbps": gbps, "launch_us": launch_s * 1e6, "input_us": input_s * 1e6, "sync_us": sync_s * 1e6,
-            "transfer_us": transfer_s * 1e6, "plan_us": plan_s * 1e6, "h2d_gbps": source.block_bytes / copy_s / 1e9}
+    for _ in range(WORKING_SET * spec.num_layers):
+        copy_one()
+    copy_s = _per_call_s(copy_one, 60)
+    return {"gbps": gbps, "tflops": tflops, "launch_us": launch_s * 1e6, "input_us": input_s * 1e6, "sync_us": sync_s * 1e6,
+            "transfer_us": transfer_s * 1e6, "plan_us": plan_s * 1e6, "plan_streamed_us": plan_streamed_s * 1e6, "h2d_gbps": source.block_bytes / copy_s / 1e9}
 
 
-def cpu_profile(figures: dict) -> "TimelineProfile":
+def cpu_profile(figures: dict, streamed: bool) -> "TimelineProfile":
     from offload.timeline import TimelineProfile
 
-    return TimelineProfile("cpu (measured)", figures["gbps"], tflops=0.1, h2d_gbps=figures["h2d_gbps"],
+    plan_us = figures["plan_streamed_us" if streamed else "plan_us"]
+    return TimelineProfile("cpu (measured)", figures["gbps"], tflops=figures["tflops"], h2d_gbps=figures["h2d_gbps"],
                            launch_us=figures["launch_us"], input_us=figures["input_us"], sync_us=figures["sync_us"],
-                           transfer_us=figures["transfer_us"], plan_us=figures["plan_us"], overlap=False)
+                           transfer_us=figures["transfer_us"], plan_us=plan_us, overlap=False,
+                           copies_overlap=False)
 
 
 def load_profile(path: Path) -> "TimelineProfile":
@@ -153,7 +169,12 @@ def load_profile(path: Path) -> "TimelineProfile":
     from offload.timeline import TimelineProfile
 
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    return TimelineProfile(**{key: cfg[key] for key in TimelineProfile.__dataclass_fields__})
+    fields = set(TimelineProfile.__dataclass_fields__)
+    if not isinstance(cfg, dict) or set(cfg) != fields:
+        have = set(cfg) if isinstance(cfg, dict) else set()
+        raise SystemExit(f"{path}: a timeline profile needs exactly {sorted(fields)}; missing {sorted(fields - have)}, "
+                         f"unknown {sorted(have - fields)}")
+    return TimelineProfile(**cfg)
 
 
 def validate(args) -> None:
@@ -175,10 +196,10 @@ def validate(args) -> None:
                              "--threads", str(args.threads))
         resident = run_worker(DECODE, "--worker", "ferry", "--artifact", str(artifact), *common)
         streamed = run_worker(DECODE, "--worker", "ferry", "--artifact", str(artifact), "--pool", "0.25", *common)
-        profile = cpu_profile(figures)
         context = 32 + args.tokens // 2
         predicted = {}
         for name, run in (("resident", resident), ("25% in slots", streamed)):
+            profile = cpu_profile(figures, streamed=run is streamed)
             traffic = Traffic(run.get("misses_per_token", 0.0) / spec.num_layers,
                               run.get("prefetches_per_token", 0.0) / spec.num_layers)
             predicted[name] = (predict_decode(spec, tiers, "fp32", "cpu", profile, context, traffic), run)
@@ -189,11 +210,13 @@ def validate(args) -> None:
         rates = ", ".join(f"{kind} {rate:.1f}" for kind, rate in figures["gbps"].items())
         print(f"  round {i}: profile GB/s {rates}; launch {figures['launch_us']:.0f} us + {figures['input_us']:.1f} "
               f"us/input, sync {figures['sync_us']:.1f} us, transfer {figures['transfer_us']:.1f} us, dispatch "
-              f"{figures['plan_us']:.0f} us/layer, copy {figures['h2d_gbps']:.1f} GB/s")
+              f"{figures['plan_us']:.0f} us/layer ({figures['plan_streamed_us']:.0f} with slots), copy {figures['h2d_gbps']:.1f} GB/s")
         for name, (p, run) in predicted.items():
+            traffic = (f"; {run['misses_per_token']:.1f} misses and {run['prefetches_per_token']:.1f} prefetches per token"
+                       if run.get("misses_per_token") is not None else "")
             print(f"    {name:13} measured {run['ms_per_token']:6.1f} ms  predicted {p.ms_per_token:6.1f} ms "
                   f"(host {p.host_ms:.1f}, device {p.device_ms:.1f}, copies {p.copy_ms:.1f}, stalls {p.stall_ms:.1f})"
-                  f"  predicted/measured {p.ms_per_token / run['ms_per_token']:.2f}")
+                  f"  predicted/measured {p.ms_per_token / run['ms_per_token']:.2f}{traffic}")
     for name in rounds[0][1]:
         ratios = [predicted[name][0].ms_per_token / predicted[name][1]["ms_per_token"] for _, predicted in rounds]
         print(f"  {name}: predicted/measured median {statistics.median(ratios):.2f} "

@@ -21,7 +21,9 @@ A `TimelineProfile` prices each part:
   for it during the layer before (a `Traffic` counts copies, not which expert each serves, so every
   prefetch is taken as one the next layer waits for);
 - `overlap`: the host issues a launch while the device runs the one before (a card: launches are
-  asynchronous) or waits for each (MindSpore's CPU backend: a graph call returns when done).
+  asynchronous) or waits for each (MindSpore's CPU backend: a graph call returns when done);
+  `copies_overlap`: copies run beside compute (a card's copy engine) or take the device's time (a
+  CPU whose cores do both: the prefetch thread's copies compete with the graphs for them).
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ class TimelineProfile:
     transfer_us: float  # each small host array crossing (launch inputs from the host, reads)
     plan_us: float  # the dispatcher's host work for one layer
     overlap: bool  # the host issues launches while the device computes
+    copies_overlap: bool = True  # copies run beside compute (a card's copy engine); False: they take its time
 
     def scaled(self, field: str, factor: float) -> TimelineProfile:
         """The profile with one figure multiplied by `factor` (`gbps`: every kind's)."""
@@ -166,8 +169,11 @@ def predict_decode(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: s
         busy["host"] += profile.sync_us * 1e-6
 
     def copy(count: float) -> float:
-        nonlocal copies
-        copies = max(copies, host) + count * copy_s
+        nonlocal copies, device
+        if profile.copies_overlap:
+            copies = max(copies, host) + count * copy_s
+        else:
+            copies = device = max(device, host) + count * copy_s
         busy["copy"] += count * copy_s
         return copies
 
