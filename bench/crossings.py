@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from app.demo import DEMO_DIR
 from bench.realwidth import real_width_spec
 from model.spec import load_spec, spec_from_config
-from offload.crossings import decode_crossings, decode_launches
+from offload.crossings import decode_crossings, decode_launch_count
 from offload.tiers import from_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -35,7 +35,7 @@ def main() -> None:
         tier_set = from_config(tiers, default_group=spec.num_experts_per_tok)
         kinds = decode_crossings(spec, tier_set, greedy=True)
         total = sum(b for _, _, b in kinds.values())
-        launches = decode_launches(spec, tier_set)
+        launches = decode_launch_count(spec, tier_set)
         print(f"\n{name}: {spec.num_layers} layers, hidden {spec.hidden_size}, vocab {spec.vocab_size}: "
               f"{total / 1024:.1f} KiB in {sum(n for _, n, _ in kinds.values())} transfers, "
               f"{total / h2d * 1e6:.0f} us; {launches} graph launches")

@@ -149,8 +149,9 @@ def profile_worker(artifact: Path, threads: int) -> dict:
     for _ in range(WORKING_SET * spec.num_layers):
         copy_one()
     copy_s = _per_call_s(copy_one, 60)
-    return {"gbps": gbps, "tflops": tflops, "launch_us": launch_s * 1e6, "input_us": input_s * 1e6, "sync_us": sync_s * 1e6,
-            "transfer_us": transfer_s * 1e6, "plan_us": plan_s * 1e6, "plan_streamed_us": plan_streamed_s * 1e6, "h2d_gbps": source.block_bytes / copy_s / 1e9}
+    return {"gbps": gbps, "tflops": tflops, "launch_us": launch_s * 1e6, "input_us": input_s * 1e6,
+            "sync_us": sync_s * 1e6, "transfer_us": transfer_s * 1e6, "plan_us": plan_s * 1e6,
+            "plan_streamed_us": plan_streamed_s * 1e6, "h2d_gbps": source.block_bytes / copy_s / 1e9}
 
 
 def cpu_profile(figures: dict, streamed: bool) -> "TimelineProfile":
@@ -210,10 +211,11 @@ def validate(args) -> None:
         rates = ", ".join(f"{kind} {rate:.1f}" for kind, rate in figures["gbps"].items())
         print(f"  round {i}: profile GB/s {rates}; launch {figures['launch_us']:.0f} us + {figures['input_us']:.1f} "
               f"us/input, sync {figures['sync_us']:.1f} us, transfer {figures['transfer_us']:.1f} us, dispatch "
-              f"{figures['plan_us']:.0f} us/layer ({figures['plan_streamed_us']:.0f} with slots), copy {figures['h2d_gbps']:.1f} GB/s")
+              f"{figures['plan_us']:.0f} us/layer ({figures['plan_streamed_us']:.0f} with slots), "
+              f"copy {figures['h2d_gbps']:.1f} GB/s")
         for name, (p, run) in predicted.items():
-            traffic = (f"; {run['misses_per_token']:.1f} misses and {run['prefetches_per_token']:.1f} prefetches per token"
-                       if run.get("misses_per_token") is not None else "")
+            traffic = (f"; {run['misses_per_token']:.1f} misses and {run['prefetches_per_token']:.1f} prefetches "
+                       "per token" if run.get("misses_per_token") is not None else "")
             print(f"    {name:13} measured {run['ms_per_token']:6.1f} ms  predicted {p.ms_per_token:6.1f} ms "
                   f"(host {p.host_ms:.1f}, device {p.device_ms:.1f}, copies {p.copy_ms:.1f}, stalls {p.stall_ms:.1f})"
                   f"  predicted/measured {p.ms_per_token / run['ms_per_token']:.2f}{traffic}")

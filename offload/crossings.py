@@ -129,14 +129,14 @@ def decode_crossings(spec, tiers, greedy: bool = False) -> dict[str, tuple[str, 
     device in today's engine, from the model's shape and the tiers alone (experts on the device, none
     computed on the host, no prefetch; streamed blocks not included). V vocabulary, P rotary dims, K
     experts per token, L layers; a decode token's K experts, one row each, go in the launches
-    `offload.tiers.plan_launches` makes of them, each taking its [G, C] rows and router weights and
+    `offload.tiers.decode_plan` makes of them, each taking its [G, C] rows and router weights and
     its [G] counts from the host. Nothing depends on the hidden width or the context length: the
     hidden state, KV caches and DeltaNet states stay on the device. `greedy`: the head's choice is
     read back (4 bytes), not the logits (`Engine.next_greedy`, what greedy generation uses)."""
-    from offload.tiers import plan_launches
+    from offload.tiers import decode_plan
 
     v, p, k, layers = spec.vocab_size, spec.rotary_dim, spec.num_experts_per_tok, spec.num_layers
-    launches = plan_launches({expert: 1 for expert in range(k)}, tiers)
+    launches = decode_plan(k, tiers)
     shapes = [(tiers[launch.tier_index].group, tiers[launch.tier_index].capacity) for launch in launches]
     rows = layers * sum(2 * g * c * 4 + g * 4 for g, c in shapes)  # token and weight of each row; counts
     return {
@@ -150,9 +150,8 @@ def decode_crossings(spec, tiers, greedy: bool = False) -> dict[str, tuple[str, 
     }
 
 
-def decode_launches(spec, tiers) -> int:
+def decode_launch_count(spec, tiers) -> int:
     """Graph launches of one decode token: the embedding, each layer, its expert groups, the head."""
-    from offload.tiers import plan_launches
+    from offload.tiers import decode_plan
 
-    per_layer = len(plan_launches({expert: 1 for expert in range(spec.num_experts_per_tok)}, tiers))
-    return 2 + spec.num_layers * (1 + per_layer)
+    return 2 + spec.num_layers * (1 + len(decode_plan(spec.num_experts_per_tok, tiers)))

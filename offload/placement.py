@@ -124,9 +124,10 @@ def measure_costs(store, tiers: TierSet, expert_group: Callable, tokens: int, re
     """Time a block read into a slot, host compute at 1 and C_max tokens, and one launch of every tier.
 
     `store` is the artifact's expert store (`read_into`, `arrays`); `expert_group(tier, tokens)` gives
-    the tier's graph for launches of `tokens` tokens (e.g. `GraphSet.expert_group`), timed full. Every repeat uses other experts of layer 0 than the
-    one before, so that, as for a real miss, the weights are not already in the CPU's caches; the
-    scratch slots are allocated here and dropped after.
+    the tier's graph for launches of `tokens` tokens (e.g. `GraphSet.expert_group`), timed full.
+    Every repeat uses other experts of layer 0 than the one before, so that, as for a real miss, the
+    weights are not already in the CPU's caches; the scratch slots are allocated here and dropped
+    after.
     """
     count = store.num_experts
     group = max(t.group for t in tiers)

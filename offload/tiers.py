@@ -166,6 +166,11 @@ def plan_launches(loads: Mapping[int, int] | np.ndarray, tiers: TierSet) -> list
     return launches
 
 
+def decode_plan(top_k: int, tiers: TierSet) -> list[Launch]:
+    """The launches of one layer of a decode token: `top_k` experts with one row each."""
+    return plan_launches({expert: 1 for expert in range(top_k)}, tiers)
+
+
 def padding(launches: Iterable[Launch], tiers: TierSet) -> int:
     """Padded slot-tokens over `launches`: sum of G * C minus the tokens actually carried."""
     return sum(

@@ -28,17 +28,20 @@ A `TimelineProfile` prices each part:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from artifact.dense import dense_dtype
 from artifact.store import block_bytes, block_layout
 from model import names
 from model.spec import ModelSpec
 from offload.crossings import decode_crossings
-from offload.tiers import TierSet, plan_launches
+from offload.tiers import TierSet, decode_plan
 
-_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
-LAYER_INPUTS = {"full_attention": 6, "linear_attention": 4}  # activations, caches and scalars before the weights
+# layer type -> (its graph's kind, its inputs before the weights: activations, caches, scalars)
+LAYER_GRAPHS = {"full_attention": ("attention", 6), "linear_attention": ("deltanet", 4)}
 EXPERT_INPUTS = 5  # hidden, x, rows, scale, counts before the slots
 
 
@@ -99,10 +102,7 @@ class Prediction:
 
 
 def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    count = 1
-    for d in shape:
-        count *= d
-    return count * _ITEMSIZE[dtype]
+    return math.prod(shape) * np.dtype(dtype).itemsize
 
 
 def decode_launches(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: str, context: int
@@ -117,7 +117,7 @@ def decode_launches(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: 
     parts = block_layout(spec, expert_dtype)
     block = block_bytes(parts)
     expert_flops = 2.0 * 3 * spec.moe_intermediate_size * h  # gate, up, down per token
-    plans = plan_launches({expert: 1 for expert in range(k)}, tiers)
+    plans = decode_plan(k, tiers)
     layers = []
     for layer, kind in enumerate(spec.layer_types):
         weights = names.layer_names(spec, layer)
@@ -125,14 +125,14 @@ def decode_launches(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: 
         flops = 2.0 * sum(w.shape[0] * w.shape[1] for w in weights.values() if len(w.shape) == 2)
         if kind == "full_attention":  # the cached keys and values, one head group each
             cache = 2 * context * spec.num_key_value_heads * spec.head_dim
-            nbytes += cache * _ITEMSIZE[compute]
+            nbytes += _nbytes((cache,), compute)
             flops += 2.0 * 2 * context * spec.num_attention_heads * spec.head_dim
         else:  # the recurrent state, read and written
             state = spec.linear_num_value_heads * spec.linear_key_head_dim * spec.linear_value_head_dim
             nbytes += 2 * state * 4
             flops += 6.0 * state
-        graph = Launch(kind.replace("full_", "").replace("linear_attention", "deltanet"),
-                       LAYER_INPUTS[kind] + len(weights), nbytes, flops)
+        graph_kind, before_weights = LAYER_GRAPHS[kind]
+        graph = Launch(graph_kind, before_weights + len(weights), nbytes, flops)
         experts = [Launch("experts", EXPERT_INPUTS + len(parts) * tiers[p.tier_index].group,
                           len(p.pieces) * block, len(p.pieces) * expert_flops) for p in plans]
         layers.append((graph, experts))

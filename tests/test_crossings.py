@@ -14,7 +14,7 @@ from checkpoints import TinyShape, write_checkpoint
 from artifact.manifest import TierRecord
 from artifact.reader import Artifact
 from convert.pipeline import ConvertOptions, convert
-from offload.crossings import H2D, decode_crossings, decode_launches
+from offload.crossings import H2D, decode_crossings, decode_launch_count
 from offload.residence import Residence
 from runtime.build import engine_from_artifact
 
@@ -58,7 +58,7 @@ def test_a_decode_token_crosses_what_the_formula_says(artifact, slots):
     ledger = crossings.to_dict()
     assert ledger["decode"]["tokens"] == 1
     assert ledger["decode"]["launches"] == 1 + spec.num_layers + sum(stats.launches) + 1  # embedding, layers, experts, head
-    assert ledger["decode"]["launches"] == decode_launches(spec, tiers)
+    assert ledger["decode"]["launches"] == decode_launch_count(spec, tiers)
     found = {kind: (t["direction"], t["transfers"], t["bytes"]) for kind, t in ledger["decode"]["kinds"].items()}
     assert found == expected
     beyond_blocks = sum(b for kind, (_, _, b) in expected.items() if kind != "expert block")

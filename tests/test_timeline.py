@@ -8,7 +8,7 @@ from checkpoints import TinyShape, write_checkpoint
 from artifact.manifest import TierRecord
 from artifact.reader import Artifact
 from convert.pipeline import ConvertOptions, convert
-from offload.crossings import decode_crossings, decode_launches as launch_count
+from offload.crossings import decode_crossings, decode_launch_count
 from offload.tiers import from_config
 from offload.timeline import TimelineProfile, Traffic, decode_launches, predict_decode
 
@@ -58,7 +58,7 @@ def test_launches_are_the_artifact_graphs_inputs_and_weights(artifact):
             assert state == 2 * spec.linear_num_value_heads * spec.linear_key_head_dim * spec.linear_value_head_dim * 4
         assert [e.inputs for e in experts] == [len(manifest.graph("expert_group", 1, t).inputs) for t in manifest.tiers[:1]]
         assert sum(e.bytes for e in experts) == spec.num_experts_per_tok * manifest.experts.block_bytes
-    assert 2 + len(layers) + sum(len(e) for _, e in layers) == launch_count(spec, tiers)
+    assert 2 + len(layers) + sum(len(e) for _, e in layers) == decode_launch_count(spec, tiers)
 
 
 def test_with_free_host_a_token_takes_its_reads_at_the_profile_rates(artifact):
