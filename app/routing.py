@@ -39,19 +39,26 @@ class RoutingRecorder:
     Attributes it does not define (counters, tiers, ...) are the dispatcher's.
     """
 
-    def __init__(self, dispatcher, num_layers: int, num_experts: int):
+    def __init__(self, dispatcher, num_layers: int, num_experts: int, predictor=None, depth: int = 0):
         self.dispatcher = dispatcher
         self.num_layers = num_layers
         self.num_experts = num_experts
+        self.predictor, self.depth = predictor, depth  # a RouterPredictor: `depth` next-layer guesses per step
         self.decode = False  # what the next steps are; set by whoever drives the engine
         self._steps: list[list[np.ndarray]] = []  # per step, per layer: experts [N, K]
         self._decode: list[bool] = []
+        self._guesses: list[np.ndarray] = []  # per step: [L, depth], -1 where none
 
     def run(self, layer: int, hidden, x, weights: np.ndarray, experts: np.ndarray):
         experts = np.asarray(experts)
         if layer == 0:
             self._steps.append([])
             self._decode.append(self.decode)
+            self._guesses.append(np.full((self.num_layers, self.depth), -1, np.int32))
+        if self.predictor is not None and layer + 1 < self.num_layers:  # what the prefetcher would guess
+            rows = x.asnumpy() if hasattr(x, "asnumpy") else np.asarray(x)  # a device tensor, or host rows
+            guess = self.predictor.predict(layer + 1, rows, self.depth)
+            self._guesses[-1][layer + 1, :len(guess)] = guess
         step = self._steps[-1] if self._steps else None
         if step is None or layer != len(step):
             raise RuntimeError(
@@ -81,12 +88,16 @@ class RoutingRecorder:
         tokens = np.zeros((len(self._steps), self.num_layers, self.num_experts), np.int32)
         for layer in range(self.num_layers):
             np.add.at(tokens[:, layer], (np.repeat(rows, k), topk[:, layer].ravel()), 1)
-        return RoutingTrace(tokens, topk=topk, step_tokens=step_tokens, decode=np.array(self._decode, bool))
+        guesses = np.stack(self._guesses) if self.predictor is not None else None
+        return RoutingTrace(tokens, topk=topk, step_tokens=step_tokens, decode=np.array(self._decode, bool),
+                            guesses=guesses)
 
 
-def record_routing(engine, prompts: Iterable[Sequence[int]], decode_tokens: int) -> RoutingTrace:
+def record_routing(engine, prompts: Iterable[Sequence[int]], decode_tokens: int, predictor=None,
+                   depth: int = 0) -> RoutingTrace:
     """Prefill each prompt from a fresh sequence, then `decode_tokens` greedy decode steps, with
-    a `RoutingRecorder` in the engine's dispatcher seat; return the trace.
+    a `RoutingRecorder` in the engine's dispatcher seat; return the trace (with `depth` prefetch
+    guesses per step and layer when a `RouterPredictor` is given).
 
     EOS does not stop decoding: calibration wants a fixed number of decode steps per prompt.
     """
@@ -95,7 +106,7 @@ def record_routing(engine, prompts: Iterable[Sequence[int]], decode_tokens: int)
     if decode_tokens < 0:
         raise ValueError(f"decode_tokens must be >= 0, got {decode_tokens}")
     spec = engine.spec
-    recorder = RoutingRecorder(engine.dispatcher, spec.num_layers, spec.num_experts)
+    recorder = RoutingRecorder(engine.dispatcher, spec.num_layers, spec.num_experts, predictor, depth)
     engine.dispatcher = recorder
     try:
         for ids in prompts:

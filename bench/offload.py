@@ -43,10 +43,9 @@ from convert.pipeline import ConvertOptions  # noqa: E402
 from model.spec import ModelSpec  # noqa: E402
 from model.synthetic import write_random_checkpoint  # noqa: E402
 from offload.placement import limit_blas_threads  # noqa: E402
-from offload.policies import make_policy  # noqa: E402
 from offload.prefetch import RouterPredictor  # noqa: E402
 from offload.residence import Residence  # noqa: E402
-from offload.slots import SlotPool  # noqa: E402
+from offload.trace import RoutingTrace, simulate  # noqa: E402
 from runtime.backend import configure  # noqa: E402
 from runtime.build import engine_from_artifact  # noqa: E402
 from app.plan import expert_block_bytes  # noqa: E402
@@ -116,19 +115,24 @@ def decode_tokens(engine, decode: int, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def replay(rec: Recording, policy: str, slots: int, prefetch: int) -> tuple[int, int]:
+def as_trace(rec: Recording, num_experts: int) -> RoutingTrace:
+    """The recording as a routing trace with its guesses, for `offload.trace.simulate`."""
+    steps, layers = len(rec.experts), len(rec.experts[0])
+    depth = max((len(guess) for step in rec.predicted for guess in step), default=0)
+    tokens = np.zeros((steps, layers, num_experts), np.int32)
+    guesses = np.full((steps, layers, depth), -1, np.int32)
+    for i, (step, predicted) in enumerate(zip(rec.experts, rec.predicted)):
+        for layer, (experts, guess) in enumerate(zip(step, predicted)):
+            tokens[i, layer, experts] = 1
+            guesses[i, layer, :len(guess)] = guess
+    return RoutingTrace(tokens, guesses=guesses)
+
+
+def replay(rec: Recording, num_experts: int, policy: str, slots: int, prefetch: int) -> tuple[int, int]:
     """(blocks copied, demand misses) replaying the decode trace through a pool of `slots`, prefetching
     the first `prefetch` guesses for the next layer (0: no prefetch)."""
-    requests = [(layer, e) for step in rec.experts for layer, experts in enumerate(step) for e in experts]
-    kwargs = {"trace": requests} if policy == "belady" else {}
-    pool = SlotPool(slots, make_policy(policy, **kwargs), load=lambda key, slot: None)
-    for step, guesses in zip(rec.experts, rec.predicted):
-        for layer, experts in enumerate(step):
-            pool.acquire([(layer, e) for e in experts])
-            if prefetch and layer + 1 < len(step):
-                for e in guesses[layer + 1][:prefetch]:
-                    pool.prefetch((layer + 1, e))
-    return pool.counters.loads, pool.counters.misses
+    counters = simulate(as_trace(rec, num_experts), policy, slots, prefetch)
+    return counters.loads, counters.misses
 
 
 def recall(rec: Recording, limit: int) -> float:
@@ -151,9 +155,9 @@ def part_one(rec: Recording, spec: ModelSpec, budgets: list[int], block: int, li
     head = f"{'slots':>6} {'GiB':>6} {'prefetch':>8} " + " ".join(f"{p:>22}" for p in POLICIES)
     print(head)
     for slots in budgets:
-        base = replay(rec, "belady", slots, 0)[0] or 1
+        base = replay(rec, spec.num_experts, "belady", slots, 0)[0] or 1
         for prefetch in (0, *limits):
-            runs = {p: replay(rec, p, slots, prefetch) for p in POLICIES}
+            runs = {p: replay(rec, spec.num_experts, p, slots, prefetch) for p in POLICIES}
             cells = " ".join(f"{loads * block / tokens / 1e6:8.1f} ({loads / base:4.2f} miss {misses / base:4.2f})"
                              for loads, misses in runs.values())
             print(f"{slots:>6} {slots * block / 2**30:>6.2f} {prefetch or 'off':>8} {cells}")

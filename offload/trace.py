@@ -30,12 +30,18 @@ def _check_tokens(tokens: np.ndarray, source: str) -> None:
         raise TraceError(f"{source}: field 'tokens' has negative token counts")
 
 
-_OPTIONAL = ("topk", "step_tokens", "decode")
+_OPTIONAL = ("topk", "step_tokens", "decode", "guesses")
 
 
-def _check_details(tokens: np.ndarray, topk, step_tokens, decode, source: str) -> None:
+def _check_details(tokens: np.ndarray, topk, step_tokens, decode, guesses, source: str) -> None:
     """The optional per-token fields agree with `tokens` (see RoutingTrace)."""
     steps, layers, experts = tokens.shape
+    if guesses is not None:
+        if guesses.ndim != 3 or guesses.shape[:2] != (steps, layers) or not np.issubdtype(guesses.dtype, np.integer):
+            raise TraceError(f"{source}: field 'guesses' must be integer [{steps} steps, {layers} layers, depth], "
+                             f"got {guesses.dtype} {guesses.shape}")
+        if guesses.size and not -1 <= guesses.min() <= guesses.max() < experts:
+            raise TraceError(f"{source}: field 'guesses' has expert ids outside [-1, {experts})")
     if decode is not None and (decode.shape != (steps,) or decode.dtype != np.bool_):
         raise TraceError(f"{source}: field 'decode' must be bool [{steps}], got {decode.dtype} {decode.shape}")
     if (topk is None) != (step_tokens is None):
@@ -70,16 +76,19 @@ class RoutingTrace:
     `topk[row, layer, k]` the router's expert ids for every token row, step-major, R rows in all;
     `step_tokens[step]` how many of those rows each step has (they sum to R); `decode[step]` true
     for a decode step (one new token) and false for a prefill launch.
+    `guesses[step, layer, d]` the prefetcher's guesses for that layer, most likely first, made
+    from the layer before's MoE input (-1 where there is none: layer 0, or a shorter guess list).
     """
 
     tokens: np.ndarray
     topk: np.ndarray | None = None
     step_tokens: np.ndarray | None = None
     decode: np.ndarray | None = None
+    guesses: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _check_tokens(self.tokens, "RoutingTrace")
-        _check_details(self.tokens, self.topk, self.step_tokens, self.decode, "RoutingTrace")
+        _check_details(self.tokens, self.topk, self.step_tokens, self.decode, self.guesses, "RoutingTrace")
 
     @property
     def num_steps(self) -> int:
@@ -107,6 +116,15 @@ class RoutingTrace:
         if not steps:
             raise TraceError("from_topk: no steps")
         return cls(np.stack(steps).astype(np.int32))
+
+    def decode_steps(self) -> "RoutingTrace":
+        """The decode steps alone, with their guesses: what a pool sees token after token."""
+        if self.decode is None:
+            raise TraceError("this trace has no decode flags; record it with app.routing.record_routing")
+        if not self.decode.any():
+            raise TraceError("this trace has no decode steps")
+        guesses = None if self.guesses is None else self.guesses[self.decode]
+        return RoutingTrace(self.tokens[self.decode], guesses=guesses)
 
     def launches(self) -> list[tuple[Key, ...]]:
         """One launch per (step, layer), step-major then layer; experts ascending within a launch."""
@@ -146,11 +164,22 @@ class RoutingTrace:
         return cls(fields["tokens"], **optional)
 
 
-def simulate(trace: RoutingTrace, policy_name: str, num_slots: int, **policy_kwargs) -> PoolCounters:
-    """Replay `trace` launch by launch through a pool whose loads copy nothing; return its counters."""
+def simulate(trace: RoutingTrace, policy_name: str, num_slots: int, prefetch: int = 0,
+             **policy_kwargs) -> PoolCounters:
+    """Replay `trace` launch by launch through a pool whose loads copy nothing; return its counters.
+    `prefetch` > 0: after each launch, prefetch the first `prefetch` of the trace's guesses for the
+    next layer of the same step, as the engine's prefetcher does while that launch computes."""
+    if prefetch and trace.guesses is None:
+        raise TraceError("prefetch needs a trace with the prefetcher's guesses (record_routing with guesses)")
     if policy_name == "belady":
         policy_kwargs.setdefault("trace", trace.requests())
     pool = SlotPool(num_slots, make_policy(policy_name, **policy_kwargs), load=lambda key, slot: None)
-    for launch in trace.launches():
+    layers = trace.num_layers
+    for index, launch in enumerate(trace.launches()):
         pool.acquire(launch)
+        step, layer = divmod(index, layers)
+        if prefetch and layer + 1 < layers:
+            for expert in trace.guesses[step, layer + 1, :prefetch]:
+                if expert >= 0:
+                    pool.prefetch((layer + 1, int(expert)))
     return pool.counters

@@ -85,6 +85,22 @@ def test_recorder_delegates_and_counts_every_token_choice():
     assert np.array_equal(trace.topk[:3, 0], real.calls[0][1])
 
 
+def test_recorder_keeps_the_prefetchers_guesses_per_step_and_layer():
+    from offload.prefetch import RouterPredictor
+
+    engine = FakeEngine()
+    routers = [np.random.default_rng(layer).standard_normal((6, 4)).astype(np.float32) for layer in range(3)]
+    predictor = RouterPredictor(routers, top_k=2)
+    trace = record_routing(engine, [[5, 9, 11]], decode_tokens=2, predictor=predictor, depth=4)
+    assert trace.guesses.shape == (3, 3, 4)  # steps, layers, depth
+    assert (trace.guesses[:, 0] == -1).all()  # nothing guesses the first layer
+    for step, rows in enumerate((3, 1, 1)):  # FakeEngine's MoE input is ones, one row per token
+        for layer in (1, 2):
+            assert trace.guesses[step, layer].tolist() == predictor.predict(layer, np.ones((rows, 4)), 4)
+    decode = trace.decode_steps()
+    assert decode.num_steps == 2 and np.array_equal(decode.guesses, trace.guesses[1:])
+
+
 def test_recorder_forwards_attributes_and_rejects_out_of_order_layers():
     dispatcher = CountingDispatcher()
     recorder = RoutingRecorder(dispatcher, num_layers=2, num_experts=4)

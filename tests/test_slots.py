@@ -258,6 +258,39 @@ def test_trace_requests_and_round_trip(tmp_path):
     assert counters.misses == counters.loads and counters.requests == len(trace.requests())
 
 
+def test_simulate_prefetches_the_recorded_guesses(tmp_path):
+    """Layer 1 asks for new experts every step; guesses naming them turn its misses into prefetches,
+    wrong guesses cost copies and save nothing, and the guesses survive a save and load."""
+    steps, experts = 6, 16
+    tokens = np.zeros((steps, 2, experts), np.int32)
+    tokens[:, 0, 0] = 1  # layer 0: always expert 0
+    for step in range(steps):
+        tokens[step, 1, [2 * step, 2 * step + 1]] = 1
+    right = np.full((steps, 2, 2), -1, np.int32)
+    right[:, 1] = np.stack([np.flatnonzero(tokens[s, 1]) for s in range(steps)])
+    wrong = np.where(right >= 0, 12 + np.arange(2), -1)  # experts 12 and 13: never asked for
+    plain = simulate(RoutingTrace(tokens), "lru", 8)
+    assert plain.misses == 1 + 2 * steps and plain.prefetches == 0
+    guessed = RoutingTrace(tokens, guesses=right)
+    path = tmp_path / "guessed.npz"
+    guessed.save(path)
+    loaded = RoutingTrace.load(path)
+    np.testing.assert_array_equal(loaded.guesses, right)
+    fetched = simulate(loaded, "lru", 8, prefetch=2)
+    assert fetched.misses == 1 and fetched.prefetches == 2 * steps and fetched.prefetch_hits == 2 * steps
+    missed = simulate(RoutingTrace(tokens, guesses=wrong), "lru", 8, prefetch=2)
+    assert missed.misses == plain.misses and missed.prefetches >= 2 and missed.prefetch_hits == 0
+    assert simulate(guessed, "lru", 8, prefetch=1).misses == 1 + steps  # one guess per layer: half the misses
+    with pytest.raises(TraceError, match="guesses"):
+        simulate(RoutingTrace(tokens), "lru", 8, prefetch=2)
+    with pytest.raises(TraceError, match="field 'guesses' must be integer"):
+        RoutingTrace(tokens, guesses=right[:, :1])
+    with pytest.raises(TraceError, match="outside \\[-1, 16\\)"):
+        RoutingTrace(tokens, guesses=right + 20)
+    with pytest.raises(TraceError, match="no decode flags"):
+        guessed.decode_steps()
+
+
 def test_trace_load_errors_name_file_and_field(tmp_path):
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"PK\x03\x04 not really a zip")
