@@ -38,7 +38,7 @@ from artifact.store import block_bytes, block_layout
 from model import names
 from model.spec import ModelSpec
 from offload.crossings import decode_crossings
-from offload.tiers import TierSet, decode_plan
+from offload.tiers import Launch as TierLaunch, TierSet, decode_plan, plan_launches
 
 # layer type -> (its graph's kind, its inputs before the weights: activations, caches, scalars)
 LAYER_GRAPHS = {"full_attention": ("attention", 6), "linear_attention": ("deltanet", 4)}
@@ -105,47 +105,59 @@ def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
     return math.prod(shape) * np.dtype(dtype).itemsize
 
 
-def decode_launches(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: str, context: int
-                    ) -> tuple[Launch, list[tuple[Launch, list[Launch]]], Launch]:
-    """(embedding, per layer (layer graph, its expert launches), head) of one decode token at `context`
-    cached tokens; weights in the artifact's dtypes for `target`."""
-    h, k = spec.hidden_size, spec.num_experts_per_tok
+def step_launches(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: str, context: int, tokens: int,
+                  plans: list[TierLaunch]) -> tuple[Launch, list[tuple[Launch, list[Launch]]], Launch]:
+    """(embedding, per layer (layer graph, its expert launches), head) of one launch of `tokens` rows
+    over a cache of `context` rows; every layer's experts go in the launches `plans`; weights in the
+    artifact's dtypes for `target`. The head computes the last row alone (`LastHead`)."""
+    h = spec.hidden_size
     compute = "float32" if target == "cpu" else "float16"
-    embed = Launch("embedding", 2, _nbytes((h,), compute), 0.0)
+    embed = Launch("embedding", 2, _nbytes((tokens, h), compute), 0.0)
     head_bytes = _nbytes((spec.vocab_size, h), dense_dtype("lm_head", target))
     head = Launch("head", 4, head_bytes, 2.0 * spec.vocab_size * h)
     parts = block_layout(spec, expert_dtype)
     block = block_bytes(parts)
-    expert_flops = 2.0 * 3 * spec.moe_intermediate_size * h  # gate, up, down per token
-    plans = decode_plan(k, tiers)
+    row_flops = 2.0 * 3 * spec.moe_intermediate_size * h  # gate, up, down per routed row
     layers = []
     for layer, kind in enumerate(spec.layer_types):
         weights = names.layer_names(spec, layer)
         nbytes = sum(_nbytes(w.shape, dense_dtype(key, target)) for key, w in weights.items())
-        flops = 2.0 * sum(w.shape[0] * w.shape[1] for w in weights.values() if len(w.shape) == 2)
+        flops = 2.0 * tokens * sum(w.shape[0] * w.shape[1] for w in weights.values() if len(w.shape) == 2)
         if kind == "full_attention":  # the cached keys and values, one head group each
             cache = 2 * context * spec.num_key_value_heads * spec.head_dim
             nbytes += _nbytes((cache,), compute)
-            flops += 2.0 * 2 * context * spec.num_attention_heads * spec.head_dim
+            flops += 2.0 * 2 * tokens * context * spec.num_attention_heads * spec.head_dim
         else:  # the recurrent state, read and written
             state = spec.linear_num_value_heads * spec.linear_key_head_dim * spec.linear_value_head_dim
             nbytes += 2 * state * 4
-            flops += 6.0 * state
+            flops += 6.0 * tokens * state
         graph_kind, before_weights = LAYER_GRAPHS[kind]
         graph = Launch(graph_kind, before_weights + len(weights), nbytes, flops)
         experts = [Launch("experts", EXPERT_INPUTS + len(parts) * tiers[p.tier_index].group,
-                          len(p.pieces) * block, len(p.pieces) * expert_flops) for p in plans]
+                          len(p.pieces) * block, sum(piece.count for piece in p.pieces) * row_flops) for p in plans]
         layers.append((graph, experts))
     return embed, layers, head
 
 
-def predict_decode(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: str, profile: TimelineProfile,
-                   context: int, traffic: Traffic = Traffic()) -> Prediction:
-    """The timeline of one greedy decode token: host, device and copy stream, event by event."""
-    embed, layers, head = decode_launches(spec, tiers, expert_dtype, target, context)
-    block = block_bytes(block_layout(spec, expert_dtype))
+def decode_launches(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: str, context: int
+                    ) -> tuple[Launch, list[tuple[Launch, list[Launch]]], Launch]:
+    """The launches of one decode token at `context` cached tokens: top-k experts of one row each."""
+    return step_launches(spec, tiers, expert_dtype, target, context, 1, decode_plan(spec.num_experts_per_tok, tiers))
+
+
+def spread_loads(spec: ModelSpec, tokens: int) -> np.ndarray:
+    """[E] rows per expert when `tokens` tokens spread their top-k evenly over the experts: a long
+    prompt's routing, whose per-expert loads even out (a skewed router makes fewer, fuller launches)."""
+    rows = tokens * spec.num_experts_per_tok
+    loads = np.full(spec.num_experts, rows // spec.num_experts, np.int64)
+    loads[: rows % spec.num_experts] += 1
+    return loads
+
+
+def _timeline(embed: Launch, layers: list[tuple[Launch, list[Launch]]], head: Launch, profile: TimelineProfile,
+              traffic: Traffic, transfers: int, block: int) -> Prediction:
+    """One launch sequence on the three lanes (host, device, copy stream), event by event."""
     copy_s = block / (profile.h2d_gbps * 1e9)
-    transfers = sum(n for _, n, _ in decode_crossings(spec, tiers, greedy=True).values())
     host = device = copies = 0.0  # when each is next free, seconds
     busy = {"host": transfers * profile.transfer_us * 1e-6, "device": 0.0, "copy": 0.0, "stall": 0.0}
     host += busy["host"]
@@ -193,3 +205,43 @@ def predict_decode(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: s
     read_back()  # the chosen id
     return Prediction(max(host, device) * 1e3, busy["host"] * 1e3, busy["device"] * 1e3, busy["copy"] * 1e3,
                       busy["stall"] * 1e3)
+
+
+def predict_decode(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: str, profile: TimelineProfile,
+                   context: int, traffic: Traffic = Traffic()) -> Prediction:
+    """The timeline of one greedy decode token: host, device and copy stream, event by event."""
+    embed, layers, head = decode_launches(spec, tiers, expert_dtype, target, context)
+    transfers = sum(n for _, n, _ in decode_crossings(spec, tiers, greedy=True).values())
+    return _timeline(embed, layers, head, profile, traffic, transfers, block_bytes(block_layout(spec, expert_dtype)))
+
+
+@dataclass(frozen=True)
+class PrefillPrediction:
+    seconds: float  # the whole prompt, to its first token
+    launches: int  # chunks of `bucket` tokens
+    chunk: Prediction  # one full chunk (ms_per_token is its milliseconds)
+    copies_per_layer: float  # expert blocks copied per layer per chunk
+
+    def tokens_per_s(self, prompt: int) -> float:
+        return prompt / self.seconds
+
+
+def predict_prefill(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: str, profile: TimelineProfile,
+                    prompt: int, bucket: int, context: int, resident_share: float,
+                    prefetch: bool = True) -> PrefillPrediction:
+    """A prompt of `prompt` tokens in launches of `bucket` tokens (the last one padded to a full bucket,
+    as the engine pads to its buckets), each over the `context` cache rows. Every chunk routes its
+    tokens evenly (`spread_loads`), and every layer's active experts are copied in except the
+    `resident_share` of them the pool holds: the most a pool can keep while a prompt sweeps every
+    expert of every layer (LRU keeps none). `prefetch`: each layer's copies are issued while the
+    layer before computes (a prompt's guesses are easy: almost every expert is active), else after
+    its router's choice is read."""
+    plans = plan_launches(spread_loads(spec, bucket), tiers)
+    embed, layers, head = step_launches(spec, tiers, expert_dtype, target, context, bucket, plans)
+    active = int(np.count_nonzero(spread_loads(spec, bucket)))
+    copies = active * (1.0 - resident_share)
+    traffic = Traffic(prefetches_per_layer=copies) if prefetch else Traffic(misses_per_layer=copies)
+    transfers = sum(n for _, n, _ in decode_crossings(spec, tiers, greedy=True).values())
+    chunk = _timeline(embed, layers, head, profile, traffic, transfers, block_bytes(block_layout(spec, expert_dtype)))
+    launches = -(-prompt // bucket)
+    return PrefillPrediction(launches * chunk.ms_per_token / 1e3, launches, chunk, copies)

@@ -9,8 +9,9 @@ from artifact.manifest import TierRecord
 from artifact.reader import Artifact
 from convert.pipeline import ConvertOptions, convert
 from offload.crossings import decode_crossings, decode_launch_count
-from offload.tiers import from_config
-from offload.timeline import TimelineProfile, Traffic, decode_launches, predict_decode
+from offload.tiers import from_config, plan_launches
+from offload.timeline import (TimelineProfile, Traffic, decode_launches, predict_decode, predict_prefill, spread_loads,
+                              step_launches)
 
 CONTEXT = 40
 
@@ -100,3 +101,29 @@ def test_demand_copies_stall_the_launch_and_prefetch_hides_them_behind_compute(a
     hidden = predict_decode(spec, tiers, "int8", "cpu", quick, CONTEXT, Traffic(prefetches_per_layer=1.0))
     assert hidden.ms_per_token == pytest.approx(base.ms_per_token, rel=1e-3)
     assert hidden.stall_ms == 0.0
+
+
+def test_prefill_copies_what_the_pool_does_not_hold_once_per_chunk_and_layer(artifact):
+    manifest, spec = artifact.manifest, artifact.spec
+    tiers, block = tiers_of(manifest), manifest.experts.block_bytes
+    k, rows = spec.num_experts_per_tok, 2.0 * 3 * spec.moe_intermediate_size * spec.hidden_size
+    loads = spread_loads(spec, 16)
+    assert loads.sum() == 16 * k and loads.max() - loads.min() <= 1
+    _, layers, _ = step_launches(spec, tiers, "int8", manifest.target, 64, 16, plan_launches(loads, tiers))
+    for graph, experts in layers:  # every routed row computed once, every active expert read once
+        assert sum(e.flops for e in experts) == 16 * k * rows
+        assert sum(e.bytes for e in experts) == np.count_nonzero(loads) * block
+    held = predict_prefill(spec, tiers, "int8", manifest.target, profile(), 40, 16, 64, resident_share=1.0)
+    assert held.launches == 3 and held.copies_per_layer == 0 and held.chunk.copy_ms == 0
+    assert held.seconds == pytest.approx(3 * held.chunk.ms_per_token / 1e3)
+    waited = predict_prefill(spec, tiers, "int8", manifest.target, profile(), 40, 16, 64, 0.25, prefetch=False)
+    assert waited.copies_per_layer == pytest.approx(0.75 * np.count_nonzero(loads))
+    assert waited.chunk.copy_ms == pytest.approx(spec.num_layers * waited.copies_per_layer * block / 1e9 * 1e3)
+    fetched = predict_prefill(spec, tiers, "int8", manifest.target, profile(), 40, 16, 64, 0.25)
+    assert fetched.seconds == pytest.approx(held.seconds)  # every copy hidden behind a layer's compute
+    assert waited.seconds > held.seconds
+    slow = profile(h2d_gbps=0.05)  # copies outlast a layer's compute: prefetch hides only part of them
+    held = predict_prefill(spec, tiers, "int8", manifest.target, slow, 40, 16, 64, 1.0)
+    waited = predict_prefill(spec, tiers, "int8", manifest.target, slow, 40, 16, 64, 0.25, prefetch=False)
+    fetched = predict_prefill(spec, tiers, "int8", manifest.target, slow, 40, 16, 64, 0.25)
+    assert held.seconds < fetched.seconds < waited.seconds
