@@ -3,6 +3,8 @@
     python run.py                                          # demo: built once, generates, streams, counters
     python run.py prompt="..." max_new_tokens=64           # also prompt_file=PATH, prompt_ids=[1,2,3], chat=true
     python run.py mode=plan +model=qwen36_35b device=ascend_310p3   # memory plan, no weights needed
+    python run.py mode=predict +model=qwen36_35b device=ascend_310p3  # predicted decode speed (app.predict)
+    python run.py +sweep=optuna_310p3 --multirun           # Optuna: the config predicted fastest on a 310P3
     python run.py +model=qwen36_35b model.path=DIR         # the real model
     python run.py +model=local model.path=DIR              # any HF checkpoint of this architecture
     python run.py --multirun tiers=default,coarse placement.expert_budget_gb=0.02,0.05
@@ -38,8 +40,8 @@ from app import main as app_main
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    app_main.main(cfg)
+def main(cfg: DictConfig) -> float | None:
+    return app_main.main(cfg)  # mode=predict: the predicted tokens/s, for a sweeper to optimize
 
 
 if __name__ == "__main__":

@@ -249,8 +249,8 @@ class Run:
 
 def validated(cfg: DictConfig) -> Run:
     settings.no_unknown_settings(cfg, settings.known_settings(CONF, GROUPS))
-    if cfg.mode not in ("run", "plan"):
-        raise ConfigError(f"mode must be run or plan, got {settings.plain(cfg.mode)!r}")
+    if cfg.mode not in ("run", "plan", "predict"):
+        raise ConfigError(f"mode must be run, plan or predict, got {settings.plain(cfg.mode)!r}")
     settings.switches(cfg, ("chat", "warmup", "stream"))
     settings.optional_path(cfg.output_json, "output_json")
     if not isinstance(settings.plain(cfg.chat_template_kwargs), dict):
@@ -284,6 +284,63 @@ def plan_mode(r: Run) -> int:
     plan = memory_plan(r)
     print(plan.format())
     return 0 if plan.fits else 1
+
+
+def predict_mode(cfg: DictConfig, r: Run) -> float:
+    """The timeline simulator's decode tokens/s for this config (app.predict), printed and recorded."""
+    from app import predict
+
+    try:
+        profile = predict.timeline_profile(cfg.get("timeline"))
+        wanted = predict.predict_settings(cfg.predict)
+    except predict.PredictError as err:
+        raise ConfigError(str(err)) from None
+    if profile.name != r.device.name:
+        raise ConfigError(f"timeline={profile.name} prices another device than device={r.device.name}: choose "
+                          f"device={profile.name}, or write conf/timeline/{r.device.name}.yaml")
+    plan = memory_plan(r)
+    if not plan.fits:
+        print(plan.format())
+        raise CannotRun(f"this config does not fit {r.device.name}: {plan.problems[0]}")
+    target = "cpu" if r.device.backend == "CPU" else r.device.name
+    cache = Path(str(cfg.artifact_cache)).expanduser()
+    try:
+        result = predict.predict(r.spec, r.tiers, r.expert_dtype, target, plan, profile, r.max_context, wanted, cache)
+    except predict.PredictError as err:
+        raise ConfigError(str(err)) from None
+    p, flow = result.prediction, result.traffic
+    tiers = ", ".join(f"{t.group}x{t.capacity}" for t in r.tiers)
+    residence = plan.residence
+    prefetch = f"prefetch {result.prefetch_depth} guesses per layer" if result.prefetch_depth else "no prefetch"
+    pool = (f"{residence.slots} of {residence.total_experts} expert slots "
+            f"({100 * residence.slots / residence.total_experts:.0f}%), policy {residence.policy}, {prefetch}"
+            if residence.streams else f"all {residence.total_experts} experts resident")
+    lines = [f"predict   {r.model.name} on {r.device.name} (timeline={profile.name}), {r.expert_dtype} experts, "
+             f"tiers [G x C] {tiers}, context {r.max_context}",
+             f"plan      {pool}"]
+    if residence.streams:
+        lines.append(f"routing   {wanted.trace} trace replayed: hit rate {100 * result.hit_rate:.0f}%, "
+                     f"{flow.misses_per_layer:.2f} misses and {flow.prefetches_per_layer:.2f} prefetch copies per "
+                     f"layer (scaled to top-{r.spec.num_experts_per_tok})")
+    lines.append(f"decode    {p.tokens_per_s:.1f} tokens/s predicted: {p.ms_per_token:.1f} ms per token (host "
+                 f"{p.host_ms:.1f}, device {p.device_ms:.1f}, copies {p.copy_ms:.1f}, stalls {p.stall_ms:.1f} ms)")
+    record = {"model": {"name": r.model.name, "spec": r.spec.to_dict()}, "device": r.device.name,
+              "timeline": asdict(profile), "expert_dtype": r.expert_dtype, "max_context": r.max_context,
+              "tiers": [{"capacity": t.capacity, "group": t.group} for t in r.tiers],
+              "placement": asdict(r.placement), "predict": {"trace": wanted.trace}, "prediction": result.to_dict(),
+              "plan": plan.to_dict()}
+    output_dir, choices, overrides, multirun = hydra_context()
+    record.update(choices=choices, overrides=overrides)
+    written = ([output_dir / "metrics.json"] if output_dir is not None else []) + (
+        [Path(str(cfg.output_json)).expanduser()] if cfg.output_json else [])
+    for path in written:
+        write_json(path, record)
+    if multirun:  # one line per job: parallel jobs would interleave anything longer
+        print(f"job {' '.join(overrides) or '(no overrides)'}: predicted {p.tokens_per_s:.1f} tokens/s"
+              + (f" -> {written[0]}" if written else ""), flush=True)
+    else:
+        print("\n".join(lines + [f"record    {path}" for path in written]))
+    return p.tokens_per_s
 
 
 def convert_options(r: Run):
@@ -462,22 +519,26 @@ def report(record: dict, tables: str, cfg: DictConfig, quiet: bool) -> None:
               flush=True)
 
 
-def run(cfg: DictConfig) -> int:
+def run(cfg: DictConfig) -> tuple[int, float | None]:
+    """(exit status, the value a sweeper optimizes: predicted tokens/s in mode=predict, else None)."""
     r = validated(cfg)
     if cfg.mode == "plan":
-        return plan_mode(r)
+        return plan_mode(r), None
+    if cfg.mode == "predict":
+        return 0, predict_mode(cfg, r)
     multirun = hydra_context()[3]
     record, tables = run_mode(cfg, r, quiet=multirun)
     report(record, tables, cfg, quiet=multirun)
     sys.stdout.flush()
-    return 0
+    return 0, None
 
 
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     """Run the config; a config mistake exits with status 2 and one `error:` line, a run that cannot
-    happen here (missing weights, not enough memory) with status 1."""
+    happen here (missing weights, not enough memory) with status 1. Returns what a Hydra sweeper
+    optimizes (mode=predict: the predicted tokens/s)."""
     try:
-        status = run(cfg)
+        status, objective = run(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -489,9 +550,10 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(130) from None
     if status:
         raise SystemExit(status)
+    return objective
 
 
-GROUPS = ("model", "device", "placement", "tiers")
+GROUPS = ("model", "device", "placement", "tiers", "timeline")
 
 
 def check_group_overrides(args: list[str]) -> None:

@@ -34,10 +34,10 @@ def plain(node):
 
 def known_settings(conf: Path, groups: tuple[str, ...]) -> dict[str, set[str]]:
     """The setting names the config files define, per section ('' is the top level): the top level's
-    and `sampling`'s from config.yaml, each of `groups`' as the union over that group's option files."""
+    and `sampling`'s and `predict`'s from config.yaml, each of `groups`' as the union over that group's option files."""
     top = OmegaConf.load(conf / "config.yaml")
     known = {"": {str(k) for k in top.keys()} - {"defaults"} | {"hydra", *groups},
-             "sampling": {str(k) for k in top.sampling.keys()}}
+             "sampling": {str(k) for k in top.sampling.keys()}, "predict": {str(k) for k in top.predict.keys()}}
     for group in groups:
         options = [OmegaConf.load(f) for f in sorted((conf / group).glob("*.yaml"))]
         if options and all(isinstance(option, DictConfig) for option in options):

@@ -17,9 +17,11 @@ and prefetch copies per layer); printed: predicted / measured per round, and the
 Part 2, Qwen3.6-35B-A3B on a 310P3 (`conf/timeline/ascend_310p3.yaml`: every figure with where it
 comes from): the expert budget the memory plan leaves on the card (`app.plan`, placement auto),
 FP16 and INT8 experts, a decode token at context 4096, demand copies from the budget's hit rate
-(the trained demo's routing replayed through the slot pool at the same fraction of experts, decay
-eviction), bounded by "no prefetch" and "every miss prefetched in time"; and how much each profile
-figure moves the prediction (x0.5 and x2).
+(the trained demo's decode routing replayed through the slot pool at the same fraction of experts,
+decay eviction, as `run.py mode=predict` does: `app.predict`), without prefetch, prefetching the
+router's recorded guesses, and bounded by "every miss prefetched in time"; how much each
+profile figure moves the prediction (x0.5 and x2); and the time to first token of an 8k prompt
+(`offload.timeline.predict_prefill`) in launches of 1024 and 8192 tokens.
 """
 from __future__ import annotations
 
@@ -229,11 +231,12 @@ def qwen_prediction(args) -> None:
     from omegaconf import OmegaConf
 
     from app.plan import Placement, plan_memory
+    from app.predict import PredictSettings, decode_trace, traffic
     from app.settings import device_profile
+    from bench.realwidth import CACHE
     from model.spec import spec_from_config
     from offload.timeline import Traffic, predict_decode
     from offload.tiers import from_config
-    from offload.trace import simulate
 
     model = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "qwen36_35b.yaml"), resolve=True)
     spec = spec_from_config(model["config"], CONF / "model" / "qwen36_35b.yaml")
@@ -241,46 +244,64 @@ def qwen_prediction(args) -> None:
     tiers = from_config(tier_cfg, default_group=spec.num_experts_per_tok)
     device = device_profile(OmegaConf.load(CONF / "device" / "ascend_310p3.yaml"))
     profile = load_profile(CONF / "timeline" / "ascend_310p3.yaml")
-    trace = demo_trace()
-    demo_experts, demo_k = trace.num_layers * trace.num_experts, int(trace.tokens[0, 0].sum())
+    trace = decode_trace(PredictSettings("demo", None), CACHE)  # app.predict's: the trained demo's decode routing
+    k = spec.num_experts_per_tok
     print(f"\npart 2: Qwen3.6-35B-A3B ({spec.num_layers} layers) on a 310P3, profile conf/timeline/ascend_310p3.yaml, "
           f"greedy decode at context {args.context}")
     for dtype in ("fp16", "int8"):
-        plan = plan_memory(spec, device, Placement(), args.context, 64, tiers, "qwen36_35b", dtype)
+        plan = plan_memory(spec, device, Placement(policy="decay"), args.context, 64, tiers, "qwen36_35b", dtype)
         fraction = plan.slots / (spec.num_layers * spec.num_experts)
-        counters = simulate(trace, "decay", max(int(fraction * demo_experts), demo_k))
-        misses = spec.num_experts_per_tok * (1 - counters.hit_rate)
+        alone, hit_rate = traffic(trace, plan, "decay", 0, k)
+        guessed, guessed_hits = traffic(trace, plan, "decay", k, k)
         cases = {"every expert hits": Traffic(),
-                 "no prefetch": Traffic(misses_per_layer=misses),
-                 "every miss prefetched": Traffic(prefetches_per_layer=misses)}
+                 "no prefetch": alone,
+                 f"prefetch {k} guesses": guessed,
+                 "every miss prefetched": Traffic(prefetches_per_layer=alone.misses_per_layer)}
         print(f"  {dtype} experts: the plan leaves {plan.slots} slots ({fraction:.0%} of the experts); the trained "
-              f"demo's routing at that fraction hits {counters.hit_rate:.0%} (decay): {misses:.2f} misses per layer")
-        for name, traffic in cases.items():
-            p = predict_decode(spec, tiers, dtype, "ascend_310p3", profile, args.context, traffic)
+              f"demo's decode routing at that fraction hits {hit_rate:.0%} (decay), {guessed_hits:.0%} prefetching "
+              f"the router's {k} guesses for the next layer")
+        for name, flow in cases.items():
+            p = predict_decode(spec, tiers, dtype, "ascend_310p3", profile, args.context, flow)
             print(f"    {name:22} {p.tokens_per_s:6.1f} tok/s  {p.ms_per_token:6.1f} ms  (host {p.host_ms:.1f}, "
-                  f"device {p.device_ms:.1f}, copies {p.copy_ms:.1f}, stalls {p.stall_ms:.1f})")
-        base = predict_decode(spec, tiers, dtype, "ascend_310p3", profile, args.context, cases["no prefetch"])
+                  f"device {p.device_ms:.1f}, copies {p.copy_ms:.1f}, stalls {p.stall_ms:.1f}; "
+                  f"{flow.misses_per_layer:.2f} misses, {flow.prefetches_per_layer:.2f} prefetches per layer)")
+        base = predict_decode(spec, tiers, dtype, "ascend_310p3", profile, args.context, alone)
         moves = []
         for field in ("gbps", "tflops", "h2d_gbps", "launch_us", "input_us", "sync_us", "transfer_us", "plan_us"):
             low, high = (predict_decode(spec, tiers, dtype, "ascend_310p3", profile.scaled(field, f), args.context,
-                                        cases["no prefetch"]).tokens_per_s for f in (0.5, 2.0))
+                                        alone).tokens_per_s for f in (0.5, 2.0))
             moves.append(f"{field} {low / base.tokens_per_s - 1:+.0%}/{high / base.tokens_per_s - 1:+.0%}")
         print(f"    sensitivity (no prefetch), tok/s change at x0.5/x2 of each figure: {'; '.join(moves)}")
+    prefill_prediction(args, spec, tiers, device, profile)
 
 
-def demo_trace():
-    """The trained demo's decode steps over the calibration prompts (32 greedy tokens after each)."""
-    from app.demo import DEMO_DIR
-    from app.routing import PROMPTS, record_routing
-    from offload.trace import RoutingTrace
-    from runtime.build import engine_from_checkpoint
-    from runtime.tokenizer import load_tokenizer
+def prefill_prediction(args, spec, tiers, device, profile) -> None:
+    """Time to first token of a long prompt: every chunk sweeps nearly every expert of every layer, so
+    what the pool does not hold crosses PCIe once per chunk and layer; a larger bucket crosses it less."""
+    from app.plan import Placement, plan_memory
+    from artifact.manifest import kv_cache_rows
+    from offload.timeline import predict_prefill
 
-    engine = engine_from_checkpoint(DEMO_DIR)
-    tokenizer = load_tokenizer(DEMO_DIR)
-    prompts = [tokenizer.encode(line).ids for line in PROMPTS.read_text().splitlines() if line.strip()][:8]
-    trace = record_routing(engine, prompts, decode_tokens=32)
-    return RoutingTrace(trace.tokens[trace.decode])
+    prompt = args.prefill
+    print(f"\n  prefill of a {prompt}-token prompt (time to first token), routing spread evenly over the experts, "
+          f"the pool's share resident, the rest copied per chunk and layer")
+    print(f"    {'experts':8}{'bucket':>7}{'slots':>8}{'copies/layer':>13}{'chunk ms':>10}{'(device':>9}{'copies)':>9}"
+          f"{'TTFT s':>8}{'tok/s':>8}{'TTFT, copies after router':>27}")
+    for dtype in ("fp16", "int8"):
+        for bucket in args.buckets:
+            context = kv_cache_rows(prompt + 1, bucket)
+            plan = plan_memory(spec, device, Placement(policy="decay"), prompt + 1, bucket, tiers, "qwen36_35b", dtype)
+            if not plan.fits:
+                print(f"    {dtype:8}{bucket:7d}  does not fit: {plan.problems[0]}")
+                continue
+            share = plan.slots / (spec.num_layers * spec.num_experts)
+            fetched = predict_prefill(spec, tiers, dtype, "ascend_310p3", profile, prompt, bucket, context, share)
+            waited = predict_prefill(spec, tiers, dtype, "ascend_310p3", profile, prompt, bucket, context, share,
+                                     prefetch=False)
+            chunk = fetched.chunk
+            print(f"    {dtype:8}{bucket:7d}{plan.slots:8d}{fetched.copies_per_layer:13.0f}{chunk.ms_per_token:10.0f}"
+                  f"{chunk.device_ms:9.0f}{chunk.copy_ms:9.0f}{fetched.seconds:8.2f}{fetched.tokens_per_s(prompt):8.0f}"
+                  f"{waited.seconds:26.2f}s")
 
 
 def main() -> None:
@@ -289,7 +310,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--context", type=int, default=4096, help="context of the 310P3 prediction")
+    parser.add_argument("--context", type=int, default=4096, help="context of the 310P3 decode prediction")
+    parser.add_argument("--prefill", type=int, default=8192, help="prompt of the 310P3 prefill prediction")
+    parser.add_argument("--buckets", type=int, nargs="+", default=[1024, 8192], help="prefill launch sizes")
     parser.add_argument("--qwen-only", action="store_true", help="skip part 1 (no model run)")
     parser.add_argument("--worker", choices=["profile"], help=argparse.SUPPRESS)
     parser.add_argument("--artifact", type=Path, help=argparse.SUPPRESS)

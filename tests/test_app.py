@@ -377,7 +377,7 @@ BAD = [
     (["device=nosuch"], 1, "Could not find 'device/nosuch'"),
     (["+model=nosuch"], 1, "Could not find 'model/nosuch'"),
     (["model=demo"], 1, "To append to your default list use +model=demo"),
-    (["mode=serve"], 2, "mode must be run or plan"),
+    (["mode=serve"], 2, "mode must be run, plan or predict"),
     (["max_new_tokens=0"], 2, "max_new_tokens must be a positive integer"),
     (["sampling.temperature=-1"], 2, "temperature must be a finite number >= 0"),
     (["sampling.temperature=nan"], 2, "temperature must be a finite number >= 0, got nan"),
