@@ -8,7 +8,8 @@ The checkpoint (`bench.realwidth`, BF16, random weights) is converted once per s
 every expert resident and with a pool of `--fraction` of the experts (`--policy`, decayed frequency
 by default, prefetch of `--prefetch-limit` experts per layer, blocks streamed from the artifact's
 experts.bin); transformers eager decodes the same checkpoint with the
-same thread count and prompt. Printed per contender: ms per token, MB a decode token reads (dense
+same thread count and prompt, and llama.cpp (`bench.llamacpp`) decodes a GGUF of it in the format
+paired with each dtype (F32, BF16, Q8_0) when its bindings are installed. Printed per contender: ms per token, MB a decode token reads (dense
 FP32 weights, its top-k experts per layer in the storage dtype, head, KV cache), MB streamed per
 token, and the bandwidth bound (bytes read / the best read bandwidth measured in this run).
 
@@ -157,8 +158,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.25, help="expert budget as a fraction of all experts")
     parser.add_argument("--policy", default="decay", help="eviction policy of the slot pool")
     parser.add_argument("--prefetch-limit", type=int, help="experts prefetched per layer (default: top-k)")
-    parser.add_argument("--worker", choices=["ferry", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ferry", "transformers", "llamacpp"], help=argparse.SUPPRESS)
     parser.add_argument("--artifact", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--pool", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     checkpoint, spec = bench_model(args)
@@ -169,6 +171,11 @@ def main() -> None:
         return
     if args.worker == "transformers":
         print(json.dumps(transformers_worker(checkpoint, prompt, args.tokens, args.threads)))
+        return
+    if args.worker == "llamacpp":
+        from bench import llamacpp
+
+        print(json.dumps(llamacpp.worker(args.gguf, prompt, args.tokens, args.threads)))
         return
 
     from bench.measure import decode_bytes_per_token, read_bandwidth, run_worker
@@ -184,6 +191,11 @@ def main() -> None:
               *(["--prefetch-limit", str(args.prefetch_limit)] if args.prefetch_limit else [])]
     contenders = [("transformers", None, None)] + [(dtype, pool, artifacts[dtype]) for dtype in dtypes
                                                    for pool in (None, args.fraction)]
+    from bench import llamacpp
+
+    llama_missing = llamacpp.missing()
+    ggufs = {} if llama_missing else {dtype: llamacpp.gguf(checkpoint, dtype) for dtype in dtypes}
+    contenders += [(f"llama.cpp {dtype}", None, path) for dtype, path in ggufs.items()]
     runs = {(name, pool): [] for name, pool, _ in contenders}
     bandwidths = []
     for _ in range(args.rounds):  # taking turns, so drifting load from elsewhere falls on every contender alike
@@ -191,6 +203,9 @@ def main() -> None:
         for name, pool, artifact in contenders:
             if artifact is None:
                 runs[name, pool].append(run_worker(Path(__file__), "--worker", "transformers", *common))
+            elif name.startswith("llama.cpp"):
+                runs[name, pool].append(run_worker(Path(__file__), "--worker", "llamacpp", "--gguf", str(artifact),
+                                                   *common))
             else:
                 extra = ["--pool", str(pool)] if pool is not None else []
                 runs[name, pool].append(run_worker(Path(__file__), "--worker", "ferry", "--artifact", str(artifact),
@@ -226,12 +241,28 @@ def main() -> None:
                   f"{streamed}")
             assert all(r["ids"] == resident["ids"] for r in runs[dtype, pool]), \
                 f"{dtype}: runs with and without a slot pool disagree on the greedy tokens"
+        if dtype in ggufs:
+            run = median_run(runs[f"llama.cpp {dtype}", None])
+            read = llamacpp.bytes_per_token(ggufs[dtype], spec, read_context)
+            bound_ms = read / bandwidth * 1e3
+            name = f"llama.cpp {llamacpp.FORMATS[dtype].upper()} (same checkpoint, GGUF)"
+            print(f"{name:44s}{run['ms_per_token']:9.1f}{1e3 / run['ms_per_token']:7.2f}{read / 1e6:9.0f}"
+                  f"{bound_ms:9.1f}{run['ms_per_token'] / bound_ms:8.2f}{hf['ms_per_token'] / run['ms_per_token']:6.2f}")
     print()
+    if llama_missing:
+        print(llama_missing)
     fp32 = runs.get(("fp32", None))
     if fp32:
         per_round = [h["ms_per_token"] / f["ms_per_token"] for f, h in zip(fp32, runs["transformers", None])]
         print(f"ferry fp32 resident / transformers speed per round: {', '.join(f'{r:.2f}x' for r in per_round)} "
               f"(median {statistics.median(per_round):.2f}x)")
+    for dtype in ggufs:
+        per_round = [llama["ms_per_token"] / f["ms_per_token"]
+                     for f, llama in zip(runs[dtype, None], runs[f"llama.cpp {dtype}", None])]
+        same = sum(a == b for a, b in zip(median_run(runs[f"llama.cpp {dtype}", None])["ids"], hf["ids"]))
+        print(f"ferry {dtype} resident / llama.cpp {llamacpp.FORMATS[dtype].upper()} speed per round: "
+              f"{', '.join(f'{r:.2f}x' for r in per_round)} (median {statistics.median(per_round):.2f}x); "
+              f"llama.cpp's greedy tokens equal to transformers {same}/{len(hf['ids'])}")
     for dtype in dtypes:
         per_round = [r["ms_per_token"] / s["ms_per_token"] for r, s in zip(runs[dtype, None], runs[dtype, args.fraction])]
         print(f"ferry {dtype} with {args.fraction:.0%} in slots / resident speed per round: "

@@ -41,22 +41,22 @@ PREFILL_BUCKETS = (64, 256, 1024)
 MAX_CONTEXT = 1040  # a 1024-token prompt and its first token, or a short prompt and many decoded
 
 
-def bench_artifact(model_dir: Path, dtype: str) -> Path:
+def bench_artifact(model_dir: Path, dtype: str, max_context: int = MAX_CONTEXT) -> Path:
     """`model_dir` converted (`python -m convert`'s pipeline, through run.py's cache) with default
-    tiers (1x8, 8x4, 64x2), the prefill and decode benches' buckets and context, and `dtype`
-    experts, cached in the bench cache."""
+    tiers (1x8, 8x4, 64x2), the prefill and decode benches' buckets, `max_context` (the KV cache's
+    rows, which an attention launch reads whole) and `dtype` experts, cached in the bench cache."""
     from convert.cache import cached_artifact
     from artifact.manifest import TierRecord
     from convert.pipeline import ConvertOptions
 
     options = ConvertOptions(dtype, (TierRecord(1, 8), TierRecord(8, 4), TierRecord(64, 2)), PREFILL_BUCKETS,
-                             MAX_CONTEXT)
+                             max_context)
     return cached_artifact(model_dir, CACHE / "artifacts", options, progress=False,
                            say=lambda text: print(text, file=sys.stderr)).path
 
 
-def real_width_artifact(dtype: str, layers: int = 4, vocab: int = 8192) -> Path:
-    return bench_artifact(real_width_checkpoint(layers, vocab), dtype)
+def real_width_artifact(dtype: str, layers: int = 4, vocab: int = 8192, max_context: int = MAX_CONTEXT) -> Path:
+    return bench_artifact(real_width_checkpoint(layers, vocab), dtype, max_context)
 
 
 if __name__ == "__main__":
