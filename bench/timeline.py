@@ -141,12 +141,13 @@ def profile_worker(artifact: Path, threads: int) -> dict:
     from offload.offloaded import slot_buffers
 
     source = Artifact.open(artifact, verify="none").experts
-    slot, _ = slot_buffers(source, 1)
+    slots, _ = slot_buffers(source, WORKING_SET * spec.num_layers)
+    slots[:] = 0  # every slot page mapped, as a run's warm-up leaves them
     copies = iter(range(10**6))
 
-    def copy_one():  # other blocks each call, from a set the page cache holds (a run's warm-up reads them)
-        i = next(copies) % (WORKING_SET * spec.num_layers)
-        source.read_into(i % spec.num_layers, i // spec.num_layers * 7 % spec.num_experts, slot[0])
+    def copy_one():  # other blocks each call, from a set the page cache holds (a run's warm-up reads them),
+        i = next(copies) % (WORKING_SET * spec.num_layers)  # each into its own slot, as a pool spreads them
+        source.read_into(i % spec.num_layers, i // spec.num_layers * 7 % spec.num_experts, slots[i])
 
     for _ in range(WORKING_SET * spec.num_layers):
         copy_one()
