@@ -6,7 +6,7 @@
 The checkpoint (`bench.realwidth`, BF16, random weights) is converted once per storage dtype
 (fp32, fp16, int8) to an artifact, as `run.py` would convert it. For each dtype Ferry decodes with
 every expert resident and with a pool of `--fraction` of the experts (`--policy`, decayed frequency
-by default, prefetch of `--prefetch-limit` experts per layer, blocks streamed from the artifact's
+by default, prefetch of `--prefetch-limit` experts per layer, 0 for none, blocks streamed from the artifact's
 experts.bin); transformers eager decodes the same checkpoint with the
 same thread count and prompt, and llama.cpp (`bench.llamacpp`) decodes a GGUF of it in the format
 paired with each dtype (F32, BF16, Q8_0) when its bindings are installed. Printed per contender: ms per token, MB a decode token reads (dense
@@ -85,8 +85,9 @@ def ferry_worker(artifact: Path, spec, prompt: list[int], tokens: int, threads: 
 
     configure(threads=threads)
     total = spec.num_layers * spec.num_experts
-    residence = None if fraction is None else Residence(int(fraction * total), total, policy, prefetch=True)
-    engine = engine_from_artifact(artifact, residence, prefetch_limit=prefetch_limit)
+    residence = None if fraction is None else Residence(int(fraction * total), total, policy,
+                                                         prefetch=prefetch_limit != 0)
+    engine = engine_from_artifact(artifact, residence, prefetch_limit=prefetch_limit or None)
     timed = TimedGraphs(engine.graphs)  # per-kind graph time: wrap the engine's and the dispatcher's launches
     engine.graphs = engine.dispatcher.graphs = timed
     timed_decode(engine, prompt, tokens)  # compile every shape once, and warm the slots
@@ -157,7 +158,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="expert storage dtypes, comma separated")
     parser.add_argument("--fraction", type=float, default=0.25, help="expert budget as a fraction of all experts")
     parser.add_argument("--policy", default="decay", help="eviction policy of the slot pool")
-    parser.add_argument("--prefetch-limit", type=int, help="experts prefetched per layer (default: top-k)")
+    parser.add_argument("--prefetch-limit", type=int, help="experts prefetched per layer (default: top-k; 0: no prefetch)")
     parser.add_argument("--worker", choices=["ferry", "transformers", "llamacpp"], help=argparse.SUPPRESS)
     parser.add_argument("--artifact", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
@@ -188,7 +189,7 @@ def main() -> None:
     block = {dtype: Artifact.open(path, verify="none").manifest.experts.block_bytes for dtype, path in artifacts.items()}
     common = ["--layers", str(args.layers), *(["--model", str(args.model)] if args.model else []), "--prompt", str(args.prompt), "--tokens", str(args.tokens),
               "--threads", str(args.threads), "--policy", args.policy,
-              *(["--prefetch-limit", str(args.prefetch_limit)] if args.prefetch_limit else [])]
+              *(["--prefetch-limit", str(args.prefetch_limit)] if args.prefetch_limit is not None else [])]
     contenders = [("transformers", None, None)] + [(dtype, pool, artifacts[dtype]) for dtype in dtypes
                                                    for pool in (None, args.fraction)]
     from bench import llamacpp
@@ -233,7 +234,9 @@ def main() -> None:
         resident = median_run(runs[dtype, None])
         for pool in (None, args.fraction):
             run = median_run(runs[dtype, pool])
-            name = f"ferry {dtype}, " + ("all experts resident" if pool is None else f"{pool:.0%} in slots, {args.policy}, prefetch")
+            prefetch = "no prefetch" if args.prefetch_limit == 0 else "prefetch"
+            name = f"ferry {dtype}, " + ("all experts resident" if pool is None else
+                                         f"{pool:.0%} in slots, {args.policy}, {prefetch}")
             streamed = "" if pool is None else (f"{run['mb_streamed_per_token']:8.0f}{100 * run['hit_rate']:6.0f}"
                                                 f"{100 * run['stall_fraction']:5.0f}%")
             print(f"{name:44s}{run['ms_per_token']:9.1f}{1e3 / run['ms_per_token']:7.2f}{read / 1e6:9.0f}"
