@@ -82,7 +82,7 @@ def predict_settings(cfg) -> PredictSettings:
 
 def demo_trace(cache_dir: Path) -> RoutingTrace:
     """The trained demo's routing (prefill, then greedy decode of the calibration prompts) with the
-    prefetcher's guesses: recorded on first use, about 20 s, then read from `cache_dir`."""
+    prefetcher's guesses: recorded on first use, about a minute, then read from `cache_dir`."""
     from app.demo import DEMO_DIR
     from convert.cache import fingerprint
 
@@ -127,17 +127,17 @@ def decode_trace(settings: PredictSettings, cache_dir: Path) -> RoutingTrace:
 
 def traffic(trace: RoutingTrace, plan: MemoryPlan, policy: str, prefetch: int, top_k: int) -> tuple[Traffic, float]:
     """(misses and prefetch copies per layer, hit rate): the trace replayed through a pool holding
-    the plan's share of the experts (at least one token's top-k per layer of the trace)."""
+    the plan's share of the experts (at least one token's top-k per layer of the trace), its
+    per-layer counts scaled from the trace model's top-k to the priced model's `top_k`."""
     if not plan.residence.streams:
         return Traffic(), 1.0
     total = plan.residence.total_experts
     share = plan.slots / total
     slots = max(round(share * trace.num_layers * trace.num_experts), int(trace.tokens[0, 0].sum()))
     counters = simulate(trace, policy, slots, prefetch)
-    steps = trace.num_steps * trace.num_layers
-    misses_per_layer = counters.misses / steps * top_k / max(int(trace.tokens[0, 0].sum()), 1)
-    prefetches_per_layer = counters.prefetches / steps * top_k / max(int(trace.tokens[0, 0].sum()), 1)
-    return Traffic(misses_per_layer, prefetches_per_layer), counters.hits / max(counters.requests, 1)
+    per_layer = top_k / max(int(trace.tokens[0, 0].sum()), 1) / (trace.num_steps * trace.num_layers)
+    return (Traffic(counters.misses * per_layer, counters.prefetches * per_layer),
+            counters.hits / max(counters.requests, 1))
 
 
 @dataclass(frozen=True)
