@@ -219,6 +219,18 @@ def write_json(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_record(record: dict, cfg: DictConfig) -> tuple[list[Path], list[str], bool]:
+    """Add the Hydra choices and overrides to `record` and write it to the job's metrics.json and to
+    output_json; returns (the paths written, the overrides, whether this is a multirun job)."""
+    output_dir, choices, overrides, multirun = hydra_context()
+    record.update(choices=choices, overrides=overrides)
+    written = ([output_dir / "metrics.json"] if output_dir is not None else []) + (
+        [Path(str(cfg.output_json)).expanduser()] if cfg.output_json else [])
+    for path in written:
+        write_json(path, record)
+    return written, overrides, multirun
+
+
 def hydra_context() -> tuple[Path | None, dict, list[str], bool]:
     """Output directory, group choices, command-line overrides, and whether this is a multirun job."""
     try:
@@ -329,12 +341,7 @@ def predict_mode(cfg: DictConfig, r: Run) -> float:
               "tiers": [{"capacity": t.capacity, "group": t.group} for t in r.tiers],
               "placement": asdict(r.placement), "predict": {"trace": wanted.trace}, "prediction": result.to_dict(),
               "plan": plan.to_dict()}
-    output_dir, choices, overrides, multirun = hydra_context()
-    record.update(choices=choices, overrides=overrides)
-    written = ([output_dir / "metrics.json"] if output_dir is not None else []) + (
-        [Path(str(cfg.output_json)).expanduser()] if cfg.output_json else [])
-    for path in written:
-        write_json(path, record)
+    written, overrides, multirun = write_record(record, cfg)
     if multirun:  # one line per job: parallel jobs would interleave anything longer
         print(f"job {' '.join(overrides) or '(no overrides)'}: predicted {p.tokens_per_s:.1f} tokens/s"
               + (f" -> {written[0]}" if written else ""), flush=True)
@@ -502,15 +509,8 @@ def report(record: dict, tables: str, cfg: DictConfig, quiet: bool) -> None:
         say(f"offload   hit rate {100 * offload['hit_rate']:.1f}%, {offload['bytes_per_token'] / 2**20:.2f} MiB "
             f"streamed per token, stalled {100 * offload['stall_fraction']:.1f}% of launch time{warm}")
     say(tables)
-    output_dir, choices, overrides, multirun = hydra_context()
-    record.update(choices=choices, overrides=overrides)
-    written = []
-    if output_dir is not None:
-        written.append(output_dir / "metrics.json")
-    if cfg.output_json:
-        written.append(Path(str(cfg.output_json)).expanduser())
+    written, overrides, multirun = write_record(record, cfg)
     for path in written:
-        write_json(path, record)
         say(f"record    {path}")
     if multirun:  # one line per job: parallel jobs would interleave anything longer
         notes = "".join(f"; note: {note}" for note in record["notes"])

@@ -168,17 +168,15 @@ def cpu_profile(figures: dict, streamed: bool) -> "TimelineProfile":
 
 
 def load_profile(path: Path) -> "TimelineProfile":
+    """The profile file, checked as mode=predict checks it (`app.predict.timeline_profile`)."""
     from omegaconf import OmegaConf
 
-    from offload.timeline import TimelineProfile
+    from app.predict import PredictError, timeline_profile
 
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    fields = set(TimelineProfile.__dataclass_fields__)
-    if not isinstance(cfg, dict) or set(cfg) != fields:
-        have = set(cfg) if isinstance(cfg, dict) else set()
-        raise SystemExit(f"{path}: a timeline profile needs exactly {sorted(fields)}; missing {sorted(fields - have)}, "
-                         f"unknown {sorted(have - fields)}")
-    return TimelineProfile(**cfg)
+    try:
+        return timeline_profile(OmegaConf.load(path))
+    except PredictError as err:
+        raise SystemExit(f"{path}: {err}") from None
 
 
 def validate(args) -> None:

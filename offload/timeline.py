@@ -154,10 +154,13 @@ def spread_loads(spec: ModelSpec, tokens: int) -> np.ndarray:
     return loads
 
 
-def _timeline(embed: Launch, layers: list[tuple[Launch, list[Launch]]], head: Launch, profile: TimelineProfile,
-              traffic: Traffic, transfers: int, block: int) -> Prediction:
-    """One launch sequence on the three lanes (host, device, copy stream), event by event."""
-    copy_s = block / (profile.h2d_gbps * 1e9)
+def _timeline(spec: ModelSpec, tiers: TierSet, expert_dtype: str, embed: Launch,
+              layers: list[tuple[Launch, list[Launch]]], head: Launch, profile: TimelineProfile,
+              traffic: Traffic) -> Prediction:
+    """One launch sequence on the three lanes (host, device, copy stream), event by event, with a
+    decode token's small transfers and `traffic`'s expert copies."""
+    copy_s = block_bytes(block_layout(spec, expert_dtype)) / (profile.h2d_gbps * 1e9)
+    transfers = sum(n for _, n, _ in decode_crossings(spec, tiers, greedy=True).values())
     host = device = copies = 0.0  # when each is next free, seconds
     busy = {"host": transfers * profile.transfer_us * 1e-6, "device": 0.0, "copy": 0.0, "stall": 0.0}
     host += busy["host"]
@@ -211,8 +214,7 @@ def predict_decode(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: s
                    context: int, traffic: Traffic = Traffic()) -> Prediction:
     """The timeline of one greedy decode token: host, device and copy stream, event by event."""
     embed, layers, head = decode_launches(spec, tiers, expert_dtype, target, context)
-    transfers = sum(n for _, n, _ in decode_crossings(spec, tiers, greedy=True).values())
-    return _timeline(embed, layers, head, profile, traffic, transfers, block_bytes(block_layout(spec, expert_dtype)))
+    return _timeline(spec, tiers, expert_dtype, embed, layers, head, profile, traffic)
 
 
 @dataclass(frozen=True)
@@ -236,12 +238,11 @@ def predict_prefill(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: 
     expert of every layer (LRU keeps none). `prefetch`: each layer's copies are issued while the
     layer before computes (a prompt's guesses are easy: almost every expert is active), else after
     its router's choice is read."""
-    plans = plan_launches(spread_loads(spec, bucket), tiers)
-    embed, layers, head = step_launches(spec, tiers, expert_dtype, target, context, bucket, plans)
-    active = int(np.count_nonzero(spread_loads(spec, bucket)))
-    copies = active * (1.0 - resident_share)
+    loads = spread_loads(spec, bucket)
+    embed, layers, head = step_launches(spec, tiers, expert_dtype, target, context, bucket,
+                                        plan_launches(loads, tiers))
+    copies = np.count_nonzero(loads) * (1.0 - resident_share)
     traffic = Traffic(prefetches_per_layer=copies) if prefetch else Traffic(misses_per_layer=copies)
-    transfers = sum(n for _, n, _ in decode_crossings(spec, tiers, greedy=True).values())
-    chunk = _timeline(embed, layers, head, profile, traffic, transfers, block_bytes(block_layout(spec, expert_dtype)))
+    chunk = _timeline(spec, tiers, expert_dtype, embed, layers, head, profile, traffic)
     launches = -(-prompt // bucket)
     return PrefillPrediction(launches * chunk.ms_per_token / 1e3, launches, chunk, copies)
