@@ -131,11 +131,11 @@ def traffic(trace: RoutingTrace, plan: MemoryPlan, policy: str, prefetch: int, t
     per-layer counts scaled from the trace model's top-k to the priced model's `top_k`."""
     if not plan.residence.streams:
         return Traffic(), 1.0
-    total = plan.residence.total_experts
-    share = plan.slots / total
-    slots = max(round(share * trace.num_layers * trace.num_experts), int(trace.tokens[0, 0].sum()))
+    share = plan.slots / plan.residence.total_experts
+    trace_top_k = int(trace.tokens[0, 0].sum())  # experts the trace's first step asks of a layer
+    slots = max(round(share * trace.num_layers * trace.num_experts), trace_top_k)
     counters = simulate(trace, policy, slots, prefetch)
-    per_layer = top_k / max(int(trace.tokens[0, 0].sum()), 1) / (trace.num_steps * trace.num_layers)
+    per_layer = top_k / max(trace_top_k, 1) / (trace.num_steps * trace.num_layers)
     return (Traffic(counters.misses * per_layer, counters.prefetches * per_layer),
             counters.hits / max(counters.requests, 1))
 
