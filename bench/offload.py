@@ -28,7 +28,6 @@ import argparse
 import gc
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.routing import RoutingRecorder  # noqa: E402
 from artifact.reader import Artifact  # noqa: E402
 from convert.cache import cached_artifact  # noqa: E402
 from artifact.manifest import TierRecord  # noqa: E402
@@ -70,81 +70,57 @@ def spec_for(preset: str, layers: int) -> ModelSpec:
                      shared_expert_intermediate_size=128, **common)
 
 
-@dataclass
-class Recording:
-    experts: list[list[list[int]]]  # [step][layer] -> sorted experts the decode step routed to
-    predicted: list[list[list[int]]]  # [step][layer] -> prefetch guess for that layer (empty for layer 0)
-
-
-def record(engine, predictor: RouterPredictor, drive: Callable[[], object], limit: int | None = None) -> Recording:
-    """Call `drive()`, which runs the engine, recording each decode step's routing and next-layer guesses
-    (`limit` experts each, most likely first; default top-k), so replays can prefetch any prefix of them."""
-    spec = engine.spec
-    rec = Recording([], [])
-    original = engine.dispatcher.run
-
-    def recording(layer, hidden, x, weights, experts):
-        if experts.shape[0] == 1:  # a decode step
-            if layer == 0:
-                rec.experts.append([[] for _ in range(spec.num_layers)])
-                rec.predicted.append([[] for _ in range(spec.num_layers)])
-            rec.experts[-1][layer] = sorted(set(int(e) for e in experts.ravel()))
-            if layer + 1 < spec.num_layers:
-                guess = predictor.predict(layer + 1, x.asnumpy(), limit or spec.num_experts_per_tok)
-                rec.predicted[-1][layer + 1] = guess
-        return original(layer, hidden, x, weights, experts)
-
-    engine.dispatcher.run = recording
-    try:
-        drive()
-    finally:
-        engine.dispatcher.run = original
-    return rec
-
-
-def decode_tokens(engine, decode: int, seed: int) -> float:
-    """Prompt, then `decode` sampled tokens; returns the decode wall time. Counters restart after the prompt."""
+def decode_tokens(engine, decode: int, seed: int, on_prompt: Callable[[], object] = lambda: None) -> float:
+    """Prompt, then `decode` sampled tokens; returns the decode wall time. Counters restart after the
+    prompt, and `on_prompt()` is called there."""
     rng = np.random.default_rng(seed)
     sampler = Sampler(Sampling(temperature=1.0, seed=seed))
     engine.reset()
     logits = engine.forward(rng.integers(2, engine.spec.vocab_size, PROMPT))
     engine.dispatcher.stats.reset()
+    on_prompt()
     start = time.perf_counter()
     for _ in range(decode):
         logits = engine.forward([sampler(logits)])
     return time.perf_counter() - start
 
 
-def as_trace(rec: Recording, num_experts: int) -> RoutingTrace:
-    """The recording as a routing trace with its guesses, for `offload.trace.simulate`."""
-    steps, layers = len(rec.experts), len(rec.experts[0])
-    depth = max((len(guess) for step in rec.predicted for guess in step), default=0)
-    tokens = np.zeros((steps, layers, num_experts), np.int32)
-    guesses = np.full((steps, layers, depth), -1, np.int32)
-    for i, (step, predicted) in enumerate(zip(rec.experts, rec.predicted)):
-        for layer, (experts, guess) in enumerate(zip(step, predicted)):
-            tokens[i, layer, experts] = 1
-            guesses[i, layer, :len(guess)] = guess
-    return RoutingTrace(tokens, guesses=guesses)
+def record(engine, predictor: RouterPredictor, decode: int, seed: int, limit: int | None = None) -> RoutingTrace:
+    """The decode steps of `decode_tokens(engine, decode, seed)`, recorded by `app.routing`'s recorder in
+    the dispatcher's seat: each step's routing and its next-layer guesses (`limit` each, most likely
+    first; default top-k), so replays can prefetch any prefix of them."""
+    spec = engine.spec
+    recorder = RoutingRecorder(engine.dispatcher, spec.num_layers, spec.num_experts, predictor,
+                               limit or spec.num_experts_per_tok)
+    engine.dispatcher = recorder
+    try:
+        decode_tokens(engine, decode, seed, on_prompt=lambda: setattr(recorder, "decode", True))
+    finally:
+        engine.dispatcher = recorder.dispatcher
+    return recorder.trace().decode_steps()
 
 
-def replay(rec: Recording, num_experts: int, policy: str, slots: int, prefetch: int) -> tuple[int, int]:
+def replay(trace: RoutingTrace, policy: str, slots: int, prefetch: int) -> tuple[int, int]:
     """(blocks copied, demand misses) replaying the decode trace through a pool of `slots`, prefetching
     the first `prefetch` guesses for the next layer (0: no prefetch)."""
-    counters = simulate(as_trace(rec, num_experts), policy, slots, prefetch)
+    counters = simulate(trace, policy, slots, prefetch)
     return counters.loads, counters.misses
 
 
-def recall(rec: Recording, limit: int) -> float:
+def recall(trace: RoutingTrace, limit: int) -> float:
     """Share of the experts routed to (layers 1..L-1) that the first `limit` guesses named."""
-    hits = sum(len(set(g[:limit]) & set(e)) for s, p in zip(rec.experts, rec.predicted) for e, g in zip(s[1:], p[1:]))
-    return hits / max(sum(len(e) for s in rec.experts for e in s[1:]), 1)
+    routed = trace.tokens[:, 1:] > 0  # [S, L-1, E]
+    guessed = np.zeros_like(routed)
+    steps, layers, depth = np.nonzero(trace.guesses[:, 1:, :limit] >= 0)
+    guessed[steps, layers, trace.guesses[:, 1:, :limit][steps, layers, depth]] = True
+    return (routed & guessed).sum() / max(routed.sum(), 1)
 
 
-def part_one(rec: Recording, spec: ModelSpec, budgets: list[int], block: int, limits: tuple[int, ...] = ()) -> None:
+def part_one(trace: RoutingTrace, spec: ModelSpec, budgets: list[int], block: int,
+             limits: tuple[int, ...] = ()) -> None:
     """Replays at every budget without prefetch and prefetching each of `limits` guesses per layer
     (default: top-k)."""
-    tokens = len(rec.experts)
+    tokens = trace.num_steps
     total = spec.num_layers * spec.num_experts
     limits = limits or (spec.num_experts_per_tok,)
     print(f"\n== Part 1: trace replay, {tokens} decode tokens x {spec.num_layers} layers, {total} expert blocks "
@@ -155,16 +131,16 @@ def part_one(rec: Recording, spec: ModelSpec, budgets: list[int], block: int, li
     head = f"{'slots':>6} {'GiB':>6} {'prefetch':>8} " + " ".join(f"{p:>22}" for p in POLICIES)
     print(head)
     for slots in budgets:
-        base = replay(rec, spec.num_experts, "belady", slots, 0)[0] or 1
+        base = replay(trace, "belady", slots, 0)[0] or 1
         for prefetch in (0, *limits):
-            runs = {p: replay(rec, spec.num_experts, p, slots, prefetch) for p in POLICIES}
+            runs = {p: replay(trace, p, slots, prefetch) for p in POLICIES}
             cells = " ".join(f"{loads * block / tokens / 1e6:8.1f} ({loads / base:4.2f} miss {misses / base:4.2f})"
                              for loads, misses in runs.values())
             print(f"{slots:>6} {slots * block / 2**30:>6.2f} {prefetch or 'off':>8} {cells}")
     for limit in limits:
         print(f"prefetch of {limit} guesses per layer (next router on this layer's input): they name "
-              f"{100 * recall(rec, limit):.0f}% of the experts the next layer routes to "
-              f"({100 * recall(rec, limit) * spec.num_experts_per_tok / limit:.0f}% of the guesses are used)")
+              f"{100 * recall(trace, limit):.0f}% of the experts the next layer routes to "
+              f"({100 * recall(trace, limit) * spec.num_experts_per_tok / limit:.0f}% of the guesses are used)")
 
 
 def part_two(artifact: Path, spec: ModelSpec, budgets: list[int], decode: int) -> None:
@@ -232,13 +208,13 @@ def main() -> None:
     predictor = RouterPredictor([dense.layer_weights(i)["router"] for i in range(spec.num_layers)], k)
     start = time.perf_counter()
     engine = engine_from_artifact(artifact, Residence(total // 4, total))
-    rec = record(engine, predictor, lambda: decode_tokens(engine, args.decode, seed=0))
+    trace = record(engine, predictor, args.decode, seed=0)
     engine.close()
     del engine
     gc.collect()
-    print(f"recorded {len(rec.experts)} decode steps in {time.perf_counter() - start:.0f} s")
+    print(f"recorded {trace.num_steps} decode steps in {time.perf_counter() - start:.0f} s")
     replay_budgets = sorted({k, 2 * k, 4 * k, total // 8, total // 4, total // 2})
-    part_one(rec, spec, [b for b in replay_budgets if b <= total], block)
+    part_one(trace, spec, [b for b in replay_budgets if b <= total], block)
     part_two(artifact, spec, sorted({2 * k, total // 4}), args.run_decode)
 
 
