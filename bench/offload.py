@@ -28,6 +28,7 @@ import argparse
 import gc
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -70,34 +71,33 @@ def spec_for(preset: str, layers: int) -> ModelSpec:
                      shared_expert_intermediate_size=128, **common)
 
 
-def decode_tokens(engine, decode: int, seed: int, on_prompt: Callable[[], object] = lambda: None) -> float:
-    """Prompt, then `decode` sampled tokens; returns the decode wall time. Counters restart after the
-    prompt, and `on_prompt()` is called there."""
+def decode_tokens(engine, decode: int, seed: int) -> float:
+    """Prompt, then `decode` sampled tokens; returns the decode wall time. Counters restart after the prompt."""
     rng = np.random.default_rng(seed)
     sampler = Sampler(Sampling(temperature=1.0, seed=seed))
     engine.reset()
     logits = engine.forward(rng.integers(2, engine.spec.vocab_size, PROMPT))
     engine.dispatcher.stats.reset()
-    on_prompt()
     start = time.perf_counter()
     for _ in range(decode):
         logits = engine.forward([sampler(logits)])
     return time.perf_counter() - start
 
 
-def record(engine, predictor: RouterPredictor, decode: int, seed: int, limit: int | None = None) -> RoutingTrace:
-    """The decode steps of `decode_tokens(engine, decode, seed)`, recorded by `app.routing`'s recorder in
-    the dispatcher's seat: each step's routing and its next-layer guesses (`limit` each, most likely
-    first; default top-k), so replays can prefetch any prefix of them."""
+def record(engine, predictor: RouterPredictor, drive: Callable[[], object], limit: int | None = None) -> RoutingTrace:
+    """Call `drive()`, which runs the engine, with `app.routing`'s recorder in the dispatcher's seat;
+    return its one-token (decode) steps: each layer's routing and the guesses for it (`limit` each,
+    most likely first; default top-k), so replays can prefetch any prefix of them."""
     spec = engine.spec
     recorder = RoutingRecorder(engine.dispatcher, spec.num_layers, spec.num_experts, predictor,
                                limit or spec.num_experts_per_tok)
     engine.dispatcher = recorder
     try:
-        decode_tokens(engine, decode, seed, on_prompt=lambda: setattr(recorder, "decode", True))
+        drive()
     finally:
         engine.dispatcher = recorder.dispatcher
-    return recorder.trace().decode_steps()
+    trace = recorder.trace()
+    return replace(trace, decode=trace.step_tokens == 1).decode_steps()
 
 
 def replay(trace: RoutingTrace, policy: str, slots: int, prefetch: int) -> tuple[int, int]:
@@ -208,7 +208,7 @@ def main() -> None:
     predictor = RouterPredictor([dense.layer_weights(i)["router"] for i in range(spec.num_layers)], k)
     start = time.perf_counter()
     engine = engine_from_artifact(artifact, Residence(total // 4, total))
-    trace = record(engine, predictor, args.decode, seed=0)
+    trace = record(engine, predictor, lambda: decode_tokens(engine, args.decode, seed=0))
     engine.close()
     del engine
     gc.collect()

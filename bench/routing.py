@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -32,12 +33,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from artifact.reader import Artifact  # noqa: E402
-from bench.offload import Recording, part_one, recall, record  # noqa: E402
+from bench.offload import part_one, recall, record  # noqa: E402
 from bench.realwidth import bench_artifact  # noqa: E402
 from app.plan import expert_block_bytes  # noqa: E402
 from offload.policies import make_policy  # noqa: E402
 from offload.prefetch import RouterPredictor  # noqa: E402
 from offload.slots import SlotPool  # noqa: E402
+from offload.trace import RoutingTrace  # noqa: E402
 from runtime.backend import configure  # noqa: E402
 from runtime.build import engine_from_artifact  # noqa: E402
 from runtime.generate import generate  # noqa: E402
@@ -102,9 +104,11 @@ def teacher_forced(engine, segments: list[list[int]]) -> None:
 
 # ---- 1. statistics ----------------------------------------------------------------------------------
 
-def chosen(rec: Recording) -> np.ndarray:
-    """[T, L, K] expert ids of every teacher-forced token at every layer."""
-    return np.array(rec.experts, np.int64)
+def chosen(trace: RoutingTrace) -> np.ndarray:
+    """[T, L, K] expert ids of every teacher-forced token at every layer, ascending (a one-token step
+    routes to K distinct experts)."""
+    steps, layers, _ = trace.tokens.shape
+    return np.nonzero(trace.tokens)[2].reshape(steps, layers, -1).astype(np.int64)
 
 
 def statistics(sets: np.ndarray, num_experts: int, breaks: list[int]) -> None:
@@ -217,21 +221,23 @@ def main() -> None:
     engine = engine_from_artifact(artifact)
     start = time.perf_counter()
     try:
-        rec = record(engine, predictor, lambda: teacher_forced(engine, segments), max(limits))
+        trace = record(engine, predictor, lambda: teacher_forced(engine, segments), max(limits))
     finally:
         engine.close()
     print(f"{args.model}: {spec.num_layers} layers, {spec.num_experts} experts top-{spec.num_experts_per_tok}; "
           f"{len(segments)} windows of {args.length} tokens of {text} recorded in {time.perf_counter() - start:.0f} s")
-    sets = chosen(rec)
-    per_step = spec.num_layers - 1
-    lookahead = [[[]] + predictor.lookahead_guesses[i * per_step:(i + 1) * per_step] for i in range(len(rec.experts))]
+    sets = chosen(trace)
+    lookahead = np.full_like(trace.guesses, -1)  # [T, L, depth]: the lookahead routers' guesses, in call order
+    for call, guess in enumerate(predictor.lookahead_guesses):
+        step, layer = divmod(call, spec.num_layers - 1)
+        lookahead[step, layer + 1, :len(guess)] = guess
     statistics(sets, spec.num_experts, [i * args.length for i in range(len(segments))])
     hit_curve(sets, spec.num_experts)
     total = spec.num_layers * spec.num_experts
     print("\n== 3. One slot pool over all layers (Ferry's), FP32 blocks ==", end="")
-    part_one(rec, spec, [total // 16, total // 8, total // 4, total // 2], expert_block_bytes(spec, "fp32"), limits)
+    part_one(trace, spec, [total // 16, total // 8, total // 4, total // 2], expert_block_bytes(spec, "fp32"), limits)
     print(f"{k} guesses of the lookahead routers (norm scales folded in) name "
-          f"{100 * recall(Recording(rec.experts, lookahead), k):.0f}% (plain routers: {100 * recall(rec, k):.0f}%)")
+          f"{100 * recall(replace(trace, guesses=lookahead), k):.0f}% (plain routers: {100 * recall(trace, k):.0f}%)")
     precision(args.model, segments, args.greedy, args.length)
 
 

@@ -3,7 +3,7 @@
 `run.py` runs every model through an artifact. Given an HF directory it looks here for an artifact
 of that checkpoint converted with the run's options, and converts it (`convert.pipeline.convert`,
 with its progress bar) when there is none. The cache key is a fingerprint of the checkpoint's
-content plus the options:
+content plus the options and the version of the CPU kernels the graphs call:
 
 - `config.json`, the tokenizer and generation files, byte for byte;
 - per weights file: its size, its whole safetensors header (every tensor's name, dtype, shape and
@@ -32,7 +32,7 @@ import numpy as np
 
 from artifact.dense import dense_plan
 from artifact.manifest import MANIFEST_NAME, VERSION, ArtifactError
-from convert.pipeline import ConvertOptions, convert
+from convert.pipeline import ConvertOptions, convert, kernels_called
 from model.spec import ModelSpec, load_spec
 from artifact.store import block_layout, block_stride
 
@@ -74,9 +74,12 @@ def fingerprint(model_dir: Path) -> str:
 
 
 def options_key(options: ConvertOptions) -> dict:
+    """What the artifact depends on besides the checkpoint: the options, and the version of the CPU
+    kernels its graphs call (a graph runs only with the kernels it was exported with, so a Ferry with
+    changed kernels converts again instead of finding an artifact it must refuse)."""
     return {"manifest_version": VERSION, "target": options.target, "dtype": options.dtype,
             "tiers": [[t.capacity, t.group] for t in options.tiers], "buckets": list(options.buckets),
-            "max_context": options.max_context}
+            "max_context": options.max_context, "kernels": kernels_called(options.target)}
 
 
 def artifact_bytes(spec: ModelSpec, options: ConvertOptions) -> int:

@@ -105,7 +105,7 @@ def graph_plans(spec: ModelSpec, buckets: tuple[int, ...], tiers: tuple[TierReco
 
 def build_cell(plan: GraphPlan, spec: ModelSpec, expert_dtype: str, target: str = "cpu"):
     """The Cell a plan exports (the same classes the eager engine runs); only a cpu artifact's expert
-    groups call Ferry's CPU kernel."""
+    groups, decode layer launches and the last-row head call Ferry's CPU kernels."""
     from graphs.embed_head import Embedding, Head, LastHead
     from graphs.layer import AttentionLayer, DeltaNetLayer
     from graphs.moe import ExpertGroup, ExpertGroupFP16, ExpertGroupInt8, ExpertLaunch
@@ -115,11 +115,11 @@ def build_cell(plan: GraphPlan, spec: ModelSpec, expert_dtype: str, target: str 
     if plan.kind == "head":
         return Head(spec.rms_norm_eps)
     if plan.kind == "last_head":
-        return LastHead(spec.rms_norm_eps)
+        return LastHead(spec.rms_norm_eps, cpu_kernels=target == "cpu")
     if plan.kind == "attention":
-        return AttentionLayer(spec, plan.tokens)
+        return AttentionLayer(spec, plan.tokens, cpu_kernels=target == "cpu")
     if plan.kind == "deltanet":
-        return DeltaNetLayer(spec, plan.tokens)
+        return DeltaNetLayer(spec, plan.tokens, cpu_kernels=target == "cpu")
     group = {"fp32": ExpertGroup, "fp16": ExpertGroupFP16, "int8": ExpertGroupInt8}[expert_dtype]
     return ExpertLaunch(group(plan.tier.group, spec.moe_intermediate_size, cpu_kernels=target == "cpu"))
 

@@ -165,7 +165,7 @@ def convert(model_dir: str | Path, out: str | Path, options: ConvertOptions = Co
             source=SourceRecord(model_dir.resolve().name, _sha256_file(model_dir / "config.json")),
             max_context=options.max_context, buckets=tuple(options.buckets), tiers=tuple(options.tiers),
             graphs=tuple(graphs), dense=dense, experts=experts, target=options.target,
-            kernels=_kernels(options.target), tokenizer=_copy_tokenizer(model_dir, tmp), created_by=_created_by(),
+            kernels=kernels_called(options.target), tokenizer=_copy_tokenizer(model_dir, tmp), created_by=_created_by(),
         )
         manifest.validate(f"{tmp / MANIFEST_NAME} (being written)")
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
@@ -198,9 +198,10 @@ def _created_by() -> str:
         return "ferry"
 
 
-def _kernels(target: str) -> str | None:
+def kernels_called(target: str) -> str | None:
     """What the exported graphs call: on the cpu target, Ferry's CPU kernel library when it is built
-    (graphs.moe.ExpertGroup asks the same question), named by its environment variable."""
+    (graphs.moe.ExpertGroup and graphs.layer.DeltaNetLayer ask the same question), named by its
+    environment variable."""
     from kernels.build import VARIABLE, library
 
     return VARIABLE if target == "cpu" and library() is not None else None

@@ -8,11 +8,18 @@ routed experts consume, and the router's top-K weights and expert ids; the exper
 Weights arrive as trailing positional inputs ordered by `*_WEIGHTS`, so one compiled graph serves
 every layer of the same kind. (Not as one tuple: MindSpore folds a tuple argument into the graph as a
 constant and would recompile for every layer.)
+
+On the CPU a layer's decode launch (T = 1) is one call of Ferry's kernel (`FerryDeltaNetDecode`,
+`FerryAttentionDecode`, kernels/ferry_cpu.cc): the same arithmetic, each weight row read once, the
+token's key and value written into the KV cache in place, as the operators' graph does.
+Prefill launches, and graphs for a card (`cpu_kernels=False`), run MindSpore's operators.
 """
-from mindspore import nn
+import numpy as np
+from mindspore import Tensor, nn
+from mindspore.common import dtype as mstype
 
 from graphs.attention import GatedAttention
-from graphs.common import rms_norm
+from graphs.common import cpu_kernel, rms_norm
 from graphs.deltanet import GatedDeltaNet
 from graphs.moe import Router, SharedExpert
 
@@ -44,13 +51,23 @@ class MoEInput(nn.Cell):
 class AttentionLayer(nn.Cell):
     """Full-attention layer. State: the KV cache, updated in place with this launch's keys and values."""
 
-    def __init__(self, spec, tokens: int):
+    def __init__(self, spec, tokens: int, cpu_kernels: bool = True):
         super().__init__()
         self.eps = spec.rms_norm_eps
         self.attention = GatedAttention(spec, tokens)
         self.moe_input = MoEInput(spec)
+        top_k = spec.num_experts_per_tok
+        self.kernel = cpu_kernel(
+            "FerryAttentionDecode",
+            lambda h, *rest: (h, h, [h[0], top_k], [h[0], top_k]),
+            lambda h, *rest: (h, h, h, mstype.int32),
+        ) if cpu_kernels and tokens == 1 else None
+        self.use_kernel = self.kernel is not None
+        self.eps_input = Tensor(np.array([self.eps], np.float32))  # [1], the kernel's norm epsilon
 
     def construct(self, h, cos, sin, k_cache, v_cache, cache_len, *w):
+        if self.use_kernel:
+            return self.kernel(h, cos, sin, k_cache, v_cache, cache_len, self.eps_input, *w)
         x = rms_norm(h, w[0], self.eps)
         mixed = self.attention(x, w[1], w[2], w[3], w[4], w[5], w[6], cos, sin, k_cache, v_cache, cache_len)
         return self.moe_input(h, mixed, w[7], w[8], w[9], w[10], w[11], w[12])
@@ -59,13 +76,23 @@ class AttentionLayer(nn.Cell):
 class DeltaNetLayer(nn.Cell):
     """Linear-attention layer. State: conv state and recurrent state, returned updated."""
 
-    def __init__(self, spec, tokens: int):
+    def __init__(self, spec, tokens: int, cpu_kernels: bool = True):
         super().__init__()
         self.eps = spec.rms_norm_eps
         self.deltanet = GatedDeltaNet(spec, tokens)
         self.moe_input = MoEInput(spec)
+        top_k = spec.num_experts_per_tok
+        self.kernel = cpu_kernel(
+            "FerryDeltaNetDecode",
+            lambda h, conv, rec, *rest: (h, h, [h[0], top_k], [h[0], top_k], conv, rec),
+            lambda h, conv, rec, *rest: (h, h, h, mstype.int32, conv, rec),
+        ) if cpu_kernels and tokens == 1 else None
+        self.use_kernel = self.kernel is not None
+        self.eps_input = Tensor(np.array([self.eps], np.float32))  # [1], the kernel's norm epsilon
 
     def construct(self, h, conv_state, rec_state, n_valid, *w):
+        if self.use_kernel:
+            return self.kernel(h, conv_state, rec_state, n_valid, self.eps_input, *w)
         x = rms_norm(h, w[0], self.eps)
         mixed, conv_state, rec_state = self.deltanet(x, w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9],
                                                      conv_state, rec_state, n_valid)

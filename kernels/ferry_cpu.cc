@@ -12,20 +12,31 @@
 //   FerryExpertsF16  the same with gate_up and down in float16.
 //   FerryExpertsI8   the same with gate_up and down in int8, then G gate_up_scale [2I] and G down_scale
 //                    [H] float32: each weight row's dot products are multiplied by that row's scale.
+//   FerryDeltaNetDecode, FerryAttentionDecode  one decode token through a whole DeltaNet or attention
+//                    layer up to the routed experts (graphs.layer's layers at T = 1): see
+//                    deltanet_decode and attention_decode below.
+//   FerryLastHead    the final norm, vocabulary projection and greedy choice of one row (last_head).
 //
 // Narrow weights are widened to FP32 in registers, 8 at a time, so they are read from memory at their
 // stored width. Arithmetic is FP32 with FMA; each output element is one dot product summed in a fixed
 // order, so results do not depend on the thread count, on which slot holds an expert, or on the other
 // rows of the launch. Threads: the calling thread plus FERRY_CPU_THREADS - 1 persistent workers
 // (default: all cores).
+//
+// Why whole-layer decode kernels: a decode token reads each layer's 120-140 MB of FP32 weights once.
+// Inside MindSpore's layer graph the MatMuls read them at 12-15 GB/s and every small operator around
+// them costs a launch of its own; here each weight row streams once through one dot product, the rows
+// of a stage split over the threads, and the arithmetic between stages is a few loops.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <mutex>
 #include <thread>
 #include <type_traits>
@@ -243,4 +254,268 @@ extern "C" int FerryExpertsF16(int nparam, void **params, int *, int64_t **shape
 
 extern "C" int FerryExpertsI8(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
   return expert_group<int8_t>(nparam, params, shapes);
+}
+
+namespace {
+
+inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+inline float softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v)); }  // torch's threshold 20
+
+// One matrix-vector product of a stage: out[r] = w[r, :] . x for r < rows.
+struct MatVec {
+  const float *w;
+  int64_t rows;
+  const float *x;
+  int64_t K;
+  float *out;
+};
+
+// Every row of every product, split over the threads in chunks of rows; a row streams once.
+void matvecs(std::initializer_list<MatVec> products) {
+  std::vector<MatVec> list(products);
+  int64_t total = 0;
+  for (const auto &p : list) total += p.rows;
+  constexpr int64_t kRows = 16;
+  WorkerPool::get().run((total + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t first = chunk * kRows, stop = first + kRows < total ? first + kRows : total;
+      int64_t offset = 0;  // the first row of product p in the stage's row numbering
+      for (const auto &p : list) {
+        const int64_t from = std::max(first, offset) - offset, to = std::min(stop, offset + p.rows) - offset;
+        for (int64_t row = from; row < to; ++row) dot_rows<1>(p.x, 1, p.w + row * p.K, p.K, nullptr, p.out + row, 1);
+        offset += p.rows;
+      }
+    }
+  });
+}
+
+// x * rsqrt(mean(x^2) + eps) * (1 + weight): Qwen3.5's RMSNorm.
+void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *out) {
+  double squares = 0;
+  for (int64_t i = 0; i < n; ++i) squares += static_cast<double>(x[i]) * x[i];
+  const float scale = 1.0f / std::sqrt(static_cast<float>(squares / n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * scale * (1.0f + weight[i]);
+}
+
+// The layer's second half after its mixer, as graphs.layer.MoEInput computes it for one token:
+// partial = h + mixed + the shared expert, x_moe = the post-mixer norm, and the router's top-K.
+// `weights` (and their `shapes`): post_attn_norm [H], router [E, H], shared_gate [Is, H], shared_up
+// [Is, H], shared_down [H, Is], shared_expert_gate [1, H]. `mixed` [H] is overwritten.
+void moe_input(const float *h, float *mixed, int64_t H, float eps, void **weights, int64_t **shapes, float *partial,
+               float *x_moe, float *top_weights, int32_t *top_experts, int64_t K) {
+  auto w = [&](int i) { return static_cast<const float *>(weights[i]); };
+  const int64_t E = shapes[1][0], Is = shapes[2][0];
+  for (int64_t i = 0; i < H; ++i) mixed[i] += h[i];
+  rms_norm(mixed, w(0), H, eps, x_moe);
+  std::vector<float> logits(E), gate(Is), up(Is), shared(H);
+  float shared_logit = 0;
+  matvecs({{w(1), E, x_moe, H, logits.data()}, {w(2), Is, x_moe, H, gate.data()}, {w(3), Is, x_moe, H, up.data()},
+           {w(5), 1, x_moe, H, &shared_logit}});
+  // softmax, top-K (ties to the lower id), renormalised
+  const float top = *std::max_element(logits.begin(), logits.end());
+  float total = 0;
+  for (auto &l : logits) total += (l = std::exp(l - top));
+  std::vector<int32_t> order(E);
+  for (int64_t e = 0; e < E; ++e) order[e] = static_cast<int32_t>(e);
+  std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int32_t l, int32_t r) {
+    return logits[l] != logits[r] ? logits[l] > logits[r] : l < r;
+  });
+  float chosen = 0;
+  for (int64_t i = 0; i < K; ++i) chosen += logits[order[i]] / total;
+  for (int64_t i = 0; i < K; ++i) {
+    top_experts[i] = order[i];
+    top_weights[i] = logits[order[i]] / total / chosen;
+  }
+  for (int64_t i = 0; i < Is; ++i) gate[i] = silu(gate[i]) * up[i];
+  matvecs({{w(4), H, gate.data(), Is, shared.data()}});
+  const float shared_scale = sigmoid(shared_logit);
+  for (int64_t i = 0; i < H; ++i) partial[i] = mixed[i] + shared_scale * shared[i];
+}
+
+// One decode token through a DeltaNet layer, as graphs.layer.DeltaNetLayer computes it at T = 1.
+// Inputs: h [1, H], conv_state [W-1, C], rec_state [Hv, Dk, Dv], n_valid [] int32 (0 or 1), eps [1],
+// then the layer's weights in DELTANET_WEIGHTS order: input_norm [H], in_proj_qkv [C, H], in_proj_z
+// [Hv*Dv, H], in_proj_b [Hv, H], in_proj_a [Hv, H], conv1d [C, W], A_log [Hv], dt_bias [Hv], norm [Dv],
+// out_proj [H, Hv*Dv], post_attn_norm [H], router [E, H], shared_gate [Is, H], shared_up [Is, H],
+// shared_down [H, Is], shared_expert_gate [1, H]. Outputs: partial [1, H] (residual + mixer + shared
+// expert), x_moe [1, H], top-K weights [1, K] and expert ids [1, K] int32, conv_state, rec_state.
+int deltanet_decode(int nparam, void **params, int64_t **shapes, const char **dtypes) {
+  constexpr int kInputs = 21;
+  if (nparam != kInputs + 6) return 1;
+  for (int i = 0; i < nparam; ++i)  // FP32 all through, but n_valid and the expert ids
+    if (std::strcmp(dtypes[i], i == 3 || i == kInputs + 3 ? "int32" : "float32") != 0) return 1;
+  auto in = [&](int i) { return static_cast<const float *>(params[i]); };
+  const int64_t H = shapes[0][1], W = shapes[1][0] + 1, C = shapes[1][1];
+  const int64_t Hv = shapes[2][0], Dk = shapes[2][1], Dv = shapes[2][2];
+  const int64_t E = shapes[16][0], K = shapes[kInputs + 2][1];
+  const int64_t key_width = (C - Hv * Dv) / 2, Hk = key_width / Dk, rep = Hv / Hk;
+  if (key_width <= 0 || Hk * Dk != key_width || rep * Hk != Hv || K > E) return 1;
+  const float *h = in(0), *conv_state = in(1), *rec_state = in(2);
+  const float real = *static_cast<const int32_t *>(params[3]) > 0 ? 1.0f : 0.0f;  // padding leaves the state
+  const float eps = *in(4);
+  const float *input_norm = in(5), *w_qkv = in(6), *w_z = in(7), *w_b = in(8), *w_a = in(9), *conv = in(10);
+  const float *a_log = in(11), *dt_bias = in(12), *norm = in(13), *w_out = in(14);
+  auto *partial = static_cast<float *>(params[kInputs]);
+  auto *x_moe = static_cast<float *>(params[kInputs + 1]);
+  auto *top_weights = static_cast<float *>(params[kInputs + 2]);
+  auto *top_experts = static_cast<int32_t *>(params[kInputs + 3]);
+  auto *conv_out = static_cast<float *>(params[kInputs + 4]);
+  auto *rec_out = static_cast<float *>(params[kInputs + 5]);
+
+  std::vector<float> x(H), qkv(C), z(Hv * Dv), b(Hv), a(Hv), core(Hv * Dv), mixed(H);
+  rms_norm(h, input_norm, H, eps, x.data());
+  matvecs({{w_qkv, C, x.data(), H, qkv.data()}, {w_z, Hv * Dv, x.data(), H, z.data()},
+           {w_b, Hv, x.data(), H, b.data()}, {w_a, Hv, x.data(), H, a.data()}});
+
+  // causal depthwise conv over [state; qkv], SiLU; the state shifts by one row
+  for (int64_t c = 0; c < C; ++c) {
+    float sum = 0;
+    for (int64_t j = 0; j < W - 1; ++j) sum += conv_state[j * C + c] * conv[c * W + j];
+    sum += qkv[c] * conv[c * W + W - 1];
+    for (int64_t j = 0; j + 1 < W - 1; ++j) conv_out[j * C + c] = conv_state[(j + 1) * C + c];
+    conv_out[(W - 2) * C + c] = qkv[c];
+    qkv[c] = silu(sum);
+  }
+  // the recurrent step per value head, then the gated norm of its output
+  WorkerPool::get().run(Hv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(Dk), k(Dk), remembered(Dv);
+    for (int64_t head = begin; head < end; ++head) {
+      const float *q_raw = qkv.data() + (head / rep) * Dk, *k_raw = q_raw + key_width;
+      const float *v = qkv.data() + 2 * key_width + head * Dv;
+      float qq = 0, kk = 0;
+      for (int64_t d = 0; d < Dk; ++d) qq += q_raw[d] * q_raw[d], kk += k_raw[d] * k_raw[d];
+      const float q_scale = 1.0f / std::sqrt(qq + 1e-6f) / std::sqrt(static_cast<float>(Dk));
+      const float k_scale = 1.0f / std::sqrt(kk + 1e-6f);
+      for (int64_t d = 0; d < Dk; ++d) q[d] = q_raw[d] * q_scale, k[d] = k_raw[d] * k_scale;
+      const float beta = sigmoid(b[head]) * real;
+      const float decay = std::exp(-std::exp(a_log[head]) * softplus(a[head] + dt_bias[head]) * real);
+      const float *state = rec_state + head * Dk * Dv;
+      float *updated = rec_out + head * Dk * Dv;
+      std::fill(remembered.begin(), remembered.end(), 0.0f);
+      for (int64_t i = 0; i < Dk; ++i)
+        for (int64_t j = 0; j < Dv; ++j) {
+          updated[i * Dv + j] = state[i * Dv + j] * decay;
+          remembered[j] += k[i] * updated[i * Dv + j];
+        }
+      float *out = core.data() + head * Dv;
+      std::fill(out, out + Dv, 0.0f);
+      for (int64_t j = 0; j < Dv; ++j) remembered[j] = (v[j] - remembered[j]) * beta;  // the delta
+      for (int64_t i = 0; i < Dk; ++i)
+        for (int64_t j = 0; j < Dv; ++j) {
+          updated[i * Dv + j] += k[i] * remembered[j];
+          out[j] += q[i] * updated[i * Dv + j];
+        }
+      double squares = 0;
+      for (int64_t j = 0; j < Dv; ++j) squares += static_cast<double>(out[j]) * out[j];
+      const float scale = 1.0f / std::sqrt(static_cast<float>(squares / Dv) + eps);
+      for (int64_t j = 0; j < Dv; ++j) out[j] = out[j] * scale * norm[j] * silu(z[head * Dv + j]);
+    }
+  });
+  matvecs({{w_out, H, core.data(), Hv * Dv, mixed.data()}});
+
+  moe_input(h, mixed.data(), H, eps, params + 15, shapes + 15, partial, x_moe, top_weights, top_experts, K);
+  return 0;
+}
+
+// One decode token through a full-attention layer, as graphs.layer.AttentionLayer computes it at T = 1.
+// Inputs: h [1, H], cos [1, P], sin [1, P], k_cache [S, KV, D], v_cache [S, KV, D], cache_len [] int32,
+// eps [1], then the layer's weights in ATTENTION_WEIGHTS order: input_norm [H], q_proj [N*2D, H] (per head
+// D query rows, then D gate rows), k_proj [KV*D, H], v_proj [KV*D, H], o_proj [H, N*D], q_norm [D],
+// k_norm [D], then the MoE-input weights (moe_input). Outputs: partial [1, H], x_moe [1, H], top-K weights
+// [1, K] and ids [1, K] int32. The token's key and value are written into the caches at row cache_len,
+// in place (the caches stay on the device for the whole run; the graph's own operators update them in
+// place the same way).
+int attention_decode(int nparam, void **params, int64_t **shapes, const char **dtypes) {
+  constexpr int kInputs = 20;
+  if (nparam != kInputs + 4) return 1;
+  for (int i = 0; i < nparam; ++i)  // FP32 all through, but cache_len and the expert ids
+    if (std::strcmp(dtypes[i], i == 5 || i == kInputs + 3 ? "int32" : "float32") != 0) return 1;
+  auto in = [&](int i) { return static_cast<const float *>(params[i]); };
+  const int64_t H = shapes[0][1], P = shapes[1][1], S = shapes[3][0], KV = shapes[3][1], D = shapes[3][2];
+  const int64_t N = shapes[8][0] / (2 * D), R = N / KV, K = shapes[kInputs + 2][1];
+  const int64_t cached = *static_cast<const int32_t *>(params[5]);
+  if (N * 2 * D != shapes[8][0] || R * KV != N || P > D || P % 2 || cached < 0 || cached >= S) return 1;
+  const float *h = in(0), *cos = in(1), *sin = in(2), *k_cache = in(3), *v_cache = in(4), eps = *in(6);
+  const float *w_q = in(8), *w_k = in(9), *w_v = in(10), *w_o = in(11), *q_norm = in(12), *k_norm = in(13);
+  float *key = static_cast<float *>(params[3]) + cached * KV * D;  // the caches' row of this token
+  float *value = static_cast<float *>(params[4]) + cached * KV * D;
+
+  std::vector<float> x(H), q_and_gate(N * 2 * D), out(N * D), mixed(H);
+  rms_norm(h, in(7), H, eps, x.data());
+  std::vector<float> raw_key(KV * D);
+  matvecs({{w_q, N * 2 * D, x.data(), H, q_and_gate.data()}, {w_k, KV * D, x.data(), H, raw_key.data()},
+           {w_v, KV * D, x.data(), H, value}});
+  // q/k norm per head, then RoPE on the first P dims: x * cos + rotate_half(x) * sin
+  auto norm_rope = [&](const float *from, const float *weight, float *to) {
+    rms_norm(from, weight, D, eps, to);
+    std::vector<float> rotated(to, to + P);
+    for (int64_t i = 0; i < P; ++i) {
+      const float half = i < P / 2 ? -rotated[i + P / 2] : rotated[i - P / 2];
+      to[i] = rotated[i] * cos[i] + half * sin[i];
+    }
+  };
+  for (int64_t g = 0; g < KV; ++g) norm_rope(raw_key.data() + g * D, k_norm, key + g * D);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  WorkerPool::get().run(N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(D), scores(cached + 1);
+    for (int64_t head = begin; head < end; ++head) {
+      const int64_t g = head / R;  // its key/value head
+      norm_rope(q_and_gate.data() + head * 2 * D, q_norm, q.data());
+      for (int64_t s = 0; s < cached; ++s)
+        dot_rows<1>(q.data(), 1, k_cache + (s * KV + g) * D, D, nullptr, &scores[s], 1);
+      dot_rows<1>(q.data(), 1, key + g * D, D, nullptr, &scores[cached], 1);
+      float top = -INFINITY, total = 0;
+      for (auto &v : scores) top = std::max(top, v *= scale);
+      for (auto &v : scores) total += (v = std::exp(v - top));
+      float *o = out.data() + head * D;
+      std::fill(o, o + D, 0.0f);
+      for (int64_t s = 0; s <= cached; ++s) {
+        const float weight = scores[s] / total;
+        const float *v = s < cached ? v_cache + (s * KV + g) * D : value + g * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += weight * v[d];
+      }
+      const float *gate = q_and_gate.data() + head * 2 * D + D;
+      for (int64_t d = 0; d < D; ++d) o[d] *= sigmoid(gate[d]);
+    }
+  });
+  matvecs({{w_o, H, out.data(), N * D, mixed.data()}});
+  moe_input(h, mixed.data(), H, eps, params + 14, shapes + 14, static_cast<float *>(params[kInputs]),
+            static_cast<float *>(params[kInputs + 1]), static_cast<float *>(params[kInputs + 2]),
+            static_cast<int32_t *>(params[kInputs + 3]), K);
+  return 0;
+}
+
+// The head over one row of a launch, as graphs.embed_head.LastHead computes it: inputs h [T, H], row [1]
+// int32, eps [1], final_norm [H], lm_head [V, H]; outputs the row's logits [1, V] and greedy choice [1]
+// int32 (the first of equal maxima). The vocabulary projection is a decode token's largest single read.
+int last_head(int nparam, void **params, int64_t **shapes, const char **dtypes) {
+  if (nparam != 7) return 1;
+  for (int i = 0; i < nparam; ++i)
+    if (std::strcmp(dtypes[i], i == 1 || i == 6 ? "int32" : "float32") != 0) return 1;
+  const int64_t T = shapes[0][0], H = shapes[0][1], V = shapes[4][0];
+  const int64_t row = *static_cast<const int32_t *>(params[1]);
+  if (row < 0 || row >= T || shapes[4][1] != H) return 1;
+  std::vector<float> x(H);
+  rms_norm(static_cast<const float *>(params[0]) + row * H, static_cast<const float *>(params[3]), H,
+           *static_cast<const float *>(params[2]), x.data());
+  auto *logits = static_cast<float *>(params[5]);
+  matvecs({{static_cast<const float *>(params[4]), V, x.data(), H, logits}});
+  *static_cast<int32_t *>(params[6]) = static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
+  return 0;
+}
+
+}  // namespace
+
+extern "C" int FerryDeltaNetDecode(int nparam, void **params, int *, int64_t **shapes, const char **dtypes,
+                                   void *, void *) {
+  return deltanet_decode(nparam, params, shapes, dtypes);
+}
+
+extern "C" int FerryAttentionDecode(int nparam, void **params, int *, int64_t **shapes, const char **dtypes,
+                                    void *, void *) {
+  return attention_decode(nparam, params, shapes, dtypes);
+}
+
+extern "C" int FerryLastHead(int nparam, void **params, int *, int64_t **shapes, const char **dtypes, void *, void *) {
+  return last_head(nparam, params, shapes, dtypes);
 }

@@ -1,5 +1,8 @@
 """Ferry's CPU kernels (kernels/ferry_cpu.cc) against numpy, and the engine with them switched off.
 
+The decode kernels (a whole DeltaNet or attention layer at T = 1, and the last-row head) are checked
+against the same Cells on MindSpore's operators, over several steps with their states fed back.
+
 The kernels run every expert group on the CPU, in each storage format (fp32, fp16, int8), so they
 are checked at the shapes that exercise their remainders (rows not a multiple of the 4 x 3 register
 block, widths not a multiple of 8, more rows than one 64-row pass), against the MindSpore-ops
@@ -23,10 +26,14 @@ from mindspore import nn
 
 from checkpoints import TinyShape, load_oracle, write_checkpoint
 from graphs.common import cpu_kernel
+from graphs.embed_head import LastHead
+from graphs.layer import ATTENTION_WEIGHTS, DELTANET_WEIGHTS, AttentionLayer, DeltaNetLayer
 from graphs.moe import ExpertGroup, ExpertGroupFP16, ExpertGroupInt8
 from kernels import build as kernel_build
 from kernels.build import KernelBuildError, build, cache_key, cpu_features
 from kernels.host import PARTS, host_kernels
+from model.names import layer_names
+from model.spec import ModelSpec
 
 GROUPS = {"fp32": ExpertGroup, "fp16": ExpertGroupFP16, "int8": ExpertGroupInt8}
 ROOT = Path(__file__).parents[1]
@@ -293,3 +300,109 @@ def test_artifact_loads_with_another_kernel_cache(tiny, tmp_path):
     ours = engine_logits(tmp_path / "artifact", ids, "artifact", FERRY_CACHE=str(cache_b))
     assert list(cache_b.rglob("*.so")), "the kernel library was not built in the loading process's cache"
     assert np.abs(ours - reference).max() <= 1e-4
+
+
+# A decode step through one layer: value heads twice the key heads (each key head serves two), widths
+# that are not multiples of 8, an expert count above top-k.
+DECODE_SPEC = ModelSpec(
+    vocab_size=50, hidden_size=44, num_layers=2, layer_types=("linear_attention", "full_attention"), rms_norm_eps=1e-6,
+    tie_word_embeddings=False, num_attention_heads=4, num_key_value_heads=2, head_dim=12, rotary_dim=6,
+    rope_theta=1e4, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=12,
+    linear_value_head_dim=10, linear_conv_kernel_dim=4, num_experts=9, num_experts_per_tok=3,
+    moe_intermediate_size=16, shared_expert_intermediate_size=20, eos_token_ids=())
+
+
+def layer_weights(rng, layer: int, order: tuple[str, ...]) -> list:
+    names = layer_names(DECODE_SPEC, layer)
+    return [ms.Tensor((0.4 * rng.standard_normal(names[key].shape)).astype(np.float32)) for key in order]
+
+
+def kernel_and_operators(layer_class):
+    """The layer's decode Cell with Ferry's kernel, and the same Cell on MindSpore's operators."""
+    kernel, operators = layer_class(DECODE_SPEC, 1), layer_class(DECODE_SPEC, 1, cpu_kernels=False)
+    assert kernel.use_kernel and not operators.use_kernel, "the kernel library did not build"
+    return kernel, operators
+
+
+def assert_step_agrees(ours, theirs) -> None:
+    """Float outputs agree to FP32 rounding (both sum FP32 products, in different orders), the
+    router's choice exactly."""
+    for mine, reference in zip(ours, theirs):
+        mine, reference = mine.asnumpy(), reference.asnumpy()
+        if reference.dtype == np.int32:
+            np.testing.assert_array_equal(mine, reference)
+        else:
+            np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-5 * max(np.abs(reference).max(), 1.0))
+
+
+def test_deltanet_decode_kernel_matches_the_operators():
+    """Four decode steps through a DeltaNet layer, states fed back: `FerryDeltaNetDecode` and the
+    graph's operators give the same outputs and states; a padding step (n_valid 0) leaves the
+    recurrent state as it was."""
+    rng = np.random.default_rng(11)
+    weights = layer_weights(rng, 0, DELTANET_WEIGHTS)
+    kernel, operators = kernel_and_operators(DeltaNetLayer)
+    c, v = DECODE_SPEC.conv_dim, DECODE_SPEC.linear_num_value_heads
+    conv = ms.Tensor(rng.standard_normal((3, c)).astype(np.float32))
+    recurrent = ms.Tensor(rng.standard_normal((v, 12, 10)).astype(np.float32))
+    states = {"kernel": (conv, recurrent), "operators": (conv, recurrent)}
+    for step, real in enumerate((1, 1, 0, 1)):
+        h = ms.Tensor(rng.standard_normal((1, 44)).astype(np.float32))
+        n_valid = ms.Tensor(real, ms.int32)
+        ours = kernel(h, *states["kernel"], n_valid, *weights)
+        theirs = operators(h, *states["operators"], n_valid, *weights)
+        assert_step_agrees(ours, theirs)
+        if not real:
+            np.testing.assert_array_equal(ours[5].asnumpy(), states["kernel"][1].asnumpy())
+        states = {"kernel": ours[4:], "operators": theirs[4:]}
+
+
+def test_attention_decode_kernel_matches_the_operators():
+    """Three decode steps through an attention layer over a cache already holding 5 tokens:
+    `FerryAttentionDecode` and the graph's operators give the same outputs and write the same key and
+    value rows into their caches, in place."""
+    rng = np.random.default_rng(12)
+    weights = layer_weights(rng, 1, ATTENTION_WEIGHTS)
+    kernel, operators = kernel_and_operators(AttentionLayer)
+    filled = np.zeros((9, 2, 12), np.float32)
+    filled[:5] = rng.standard_normal((5, 2, 12))
+    caches = {name: (ms.Tensor(filled.copy()), ms.Tensor(filled[..., ::-1].copy())) for name in ("kernel", "operators")}
+    for position in (5, 6, 7):
+        h = ms.Tensor(rng.standard_normal((1, 44)).astype(np.float32))
+        angles = position * rng.uniform(0.1, 1.0, 3)
+        cos = ms.Tensor(np.cos(np.tile(angles, 2)).reshape(1, 6).astype(np.float32))
+        sin = ms.Tensor(np.sin(np.tile(angles, 2)).reshape(1, 6).astype(np.float32))
+        cache_len = ms.Tensor(position, ms.int32)
+        ours = kernel(h, cos, sin, *caches["kernel"], cache_len, *weights)
+        theirs = operators(h, cos, sin, *caches["operators"], cache_len, *weights)
+        assert_step_agrees(ours, theirs)
+        for mine, reference in zip(caches["kernel"], caches["operators"]):
+            np.testing.assert_allclose(mine.asnumpy()[: position + 1], reference.asnumpy()[: position + 1],
+                                       rtol=1e-5, atol=1e-5)
+            assert np.abs(mine.asnumpy()[position]).max() > 0, "the token's row was not written into the cache"
+
+
+def test_last_head_kernel_matches_the_operators():
+    rng = np.random.default_rng(13)
+    h = ms.Tensor(rng.standard_normal((3, 44)).astype(np.float32))
+    norm = ms.Tensor(rng.standard_normal(44).astype(np.float32))
+    head = ms.Tensor(rng.standard_normal((50, 44)).astype(np.float32))
+    kernel, operators = LastHead(1e-6), LastHead(1e-6, cpu_kernels=False)
+    assert kernel.use_kernel and not operators.use_kernel
+    for row in (0, 2):
+        index = ms.Tensor(np.array([row], np.int32))
+        assert_step_agrees(kernel(h, index, norm, head), operators(h, index, norm, head))
+
+
+def test_artifact_cache_keys_by_kernel_version(monkeypatch):
+    """run.py's artifact cache converts again when the kernels the graphs call change (an artifact of
+    other kernels would be refused at load, runtime.exported.check_kernels); a card's graphs call none."""
+    from convert import cache
+    from convert.pipeline import ConvertOptions
+
+    options = ConvertOptions()
+    mine = cache.options_key(options)
+    assert mine["kernels"] == kernel_build.VARIABLE
+    assert cache.options_key(ConvertOptions("fp16", target="ascend_310p3"))["kernels"] is None
+    monkeypatch.setattr(cache, "kernels_called", lambda target: "FERRY_CPU_LIBRARY_0123456789abcdef")
+    assert cache.options_key(options) != mine
