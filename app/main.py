@@ -314,7 +314,7 @@ def predict_mode(cfg: DictConfig, r: Run) -> float:
     if not plan.fits:
         print(plan.format())
         raise CannotRun(f"this config does not fit {r.device.name}: {plan.problems[0]}")
-    target = "cpu" if r.device.backend == "CPU" else r.device.name
+    target = r.device.target
     cache = Path(str(cfg.artifact_cache)).expanduser()
     try:
         result = predict.predict(r.spec, r.tiers, r.expert_dtype, target, plan, profile, r.max_context, wanted, cache)

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 from model.names import global_names, layer_names
 from model.spec import ModelSpec
+from artifact.dense import dense_dtype
 from artifact.store import block_layout, block_stride
 from offload.residence import ALL, AUTO, Residence, decide
 from offload.tiers import TierSet
@@ -58,6 +59,16 @@ class DeviceProfile:
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.compute_dtype]
+
+    @property
+    def target(self) -> str:
+        """The artifact target whose graphs run here: `cpu` on the CPU backend, else the device's name."""
+        return "cpu" if self.backend == "CPU" else self.name
+
+    def dense_bytes(self, expert_dtype: str) -> int:
+        """Bytes per dense parameter (the matrices; the few norm vectors are FP32) in an artifact for this
+        device with `expert_dtype` experts (artifact.dense)."""
+        return DTYPE_BYTES[dense_dtype("embed", self.target, expert_dtype)]
 
 
 @dataclass(frozen=True)
@@ -214,6 +225,7 @@ def plan_memory(spec: ModelSpec, device: DeviceProfile, placement: Placement, ma
     `expert_dtype` is the storage of the expert blocks (the artifact's; default the device's)."""
     b = device.dtype_bytes
     expert_dtype = expert_dtype or device.expert_dtype
+    dense_b = device.dense_bytes(expert_dtype)
     kinds = spec.layer_types
     attention_layers = kinds.count("full_attention")
     deltanet_layers = len(kinds) - attention_layers
@@ -225,14 +237,15 @@ def plan_memory(spec: ModelSpec, device: DeviceProfile, placement: Placement, ma
     recurrent = spec.linear_num_value_heads * spec.linear_key_head_dim * spec.linear_value_head_dim
     work, work_name = workspace_elements(spec, prefill_tokens, max_context, tiers)
     dtype = device.compute_dtype.replace("float", "FP")
+    dense_label = dense_dtype("embed", device.target, expert_dtype).replace("float", "FP")
     # On the CPU backend the untied embedding table is used where it lies in the mapped dense file:
     # a token reads one row, so the table is page cache the OS may drop, not memory the run holds.
     # (Tied, the head reads all of it every token.) A card holds it with the other dense weights.
     mapped_embedding = spec.vocab_size * spec.hidden_size if device.host_is_device and not spec.tie_word_embeddings else 0
     held = edge + layers - mapped_embedding
     fixed = [
-        PlanItem("dense weights", held * b,
-                 f"{count(held)} params, {dtype}: " + ("head" if mapped_embedding else "embedding + head")
+        PlanItem("dense weights", held * dense_b,
+                 f"{count(held)} params, {dense_label}: " + ("head" if mapped_embedding else "embedding + head")
                  + f" {count(edge - mapped_embedding)}, {spec.num_layers} layers {count(layers)}"),
         PlanItem("KV cache", kv_bytes,
                  f"{attention_layers} attention layers x K,V x {max_context} tokens x {spec.num_key_value_heads} "
@@ -249,8 +262,8 @@ def plan_memory(spec: ModelSpec, device: DeviceProfile, placement: Placement, ma
                                         f"{size(store_bytes)} on disk, read through the page cache (not held)")
     host_items = [store]
     if mapped_embedding:
-        host_items.insert(0, PlanItem("embedding table", 0, f"{count(mapped_embedding)} params, {dtype}: "
-                                      f"{size(mapped_embedding * b)} mapped from dense.safetensors, one row read per "
+        host_items.insert(0, PlanItem("embedding table", 0, f"{count(mapped_embedding)} params, {dense_label}: "
+                                      f"{size(mapped_embedding * dense_b)} mapped from dense.safetensors, one row read per "
                                       f"token through the page cache (not held)"))
     if not device.host_is_device:
         host_items = [PlanItem("host runtime", device.host_reserved_bytes, f"{device.name} profile (host_reserved_gb)"),
@@ -298,13 +311,13 @@ def plan_memory(spec: ModelSpec, device: DeviceProfile, placement: Placement, ma
     if not device.host_is_device and plan.host_total > device.host_memory_bytes:
         plan.problems.append(f"the host needs {size(plan.host_total)} beside the device and has "
                              f"{size(device.host_memory_bytes)} (device.host_memory_gb)")
-    plan.notes += _traffic_notes(spec, device, plan, edge, layers, kv_bytes)
+    plan.notes += _traffic_notes(spec, device, plan, edge, layers, kv_bytes, dense_b)
     return plan
 
 
 def _traffic_notes(spec: ModelSpec, device: DeviceProfile, plan: MemoryPlan, edge: int, layers: int,
-                   kv_bytes: int) -> list[str]:
-    b, expert_bytes = device.dtype_bytes, plan.expert_bytes
+                   kv_bytes: int, dense_b: int) -> list[str]:
+    expert_bytes = plan.expert_bytes
     per_token = spec.num_layers * spec.num_experts_per_tok  # routed experts one decode token touches
     notes = [f"experts: {plan.residence.describe()}" + ("" if plan.residence.streams else ", nothing streams")]
     if plan.residence.streams and device.h2d_gbps:
@@ -314,7 +327,7 @@ def _traffic_notes(spec: ModelSpec, device: DeviceProfile, plan: MemoryPlan, edg
                      f"{per_token * one * 1e3:.0f} ms if every one misses")
     if device.memory_gbps:
         embedding_unread = 0 if spec.tie_word_embeddings else spec.vocab_size * spec.hidden_size  # one row is read
-        head_and_layers = (layers + edge - embedding_unread) * b
+        head_and_layers = (layers + edge - embedding_unread) * dense_b
         read = head_and_layers + per_token * expert_bytes + kv_bytes
         seconds = read / (device.memory_gbps * 1e9)
         notes.append(f"decode floor at full context: {read / 1e9:.2f} GB read per token at {device.memory_gbps:g} "

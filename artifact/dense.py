@@ -4,10 +4,13 @@ The header is computed up front from the model spec, so tensors can be appended 
 (or a large one in row chunks) while the file's SHA-256 is computed on the way out: the writer
 never holds more than the piece it is given. Data starts at a 64-byte boundary (the header is
 padded with spaces, as the format allows), so every tensor can be mapped and used in place.
-For the `cpu` target every tensor is FP32; for `ascend_310p3` the projection matrices (everything
-a graph multiplies by: embedding and head, attention and DeltaNet projections, router, shared
-expert) are FP16, the card's matmul type, and the small vectors the graphs use elementwise
-(norms, conv, A_log, dt_bias) stay FP32. FP16 values beyond +-65504 are clamped.
+The projection matrices (everything a graph multiplies by: embedding and head, attention and
+DeltaNet projections, router, shared expert) are FP16 in every artifact but a `cpu` one with FP32
+experts: FP16 is the 310P3's matmul type, and on the CPU an artifact with narrow experts keeps its
+dense matrices narrow too, so a decode token reads about half the bytes (its graphs widen them to
+FP32 where they multiply). An fp32 `cpu` artifact is FP32 throughout, the format that equals
+transformers. The small vectors the graphs use elementwise (norms, conv, A_log, dt_bias) stay FP32.
+FP16 values beyond +-65504 are clamped.
 
 Names: `embed` [V, H], `final_norm` [H], `lm_head` [V, H] (absent when tied), and
 `layers.{i}.{name}` for each canonical name of `model.names.layer_names` in its Ferry shape.
@@ -34,17 +37,19 @@ SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16"}
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
-def dense_dtype(key: str, target: str) -> str:
-    """The stored (and graph input) dtype of dense tensor `key` (canonical name) for `target`."""
-    return "float16" if target != "cpu" and key in MATRICES else "float32"
+def dense_dtype(key: str, target: str, expert_dtype: str) -> str:
+    """The stored (and graph input) dtype of dense tensor `key` (canonical name) in a `target` artifact
+    whose experts are stored as `expert_dtype`."""
+    narrow = target != "cpu" or expert_dtype != "fp32"
+    return "float16" if narrow and key in MATRICES else "float32"
 
 
-def dense_plan(spec: ModelSpec, target: str = "cpu") -> list[DenseTensor]:
+def dense_plan(spec: ModelSpec, target: str, expert_dtype: str) -> list[DenseTensor]:
     """Every dense tensor of the artifact, in file order: globals first, then layer by layer."""
-    plan = [DenseTensor(key, w.shape, dense_dtype(key, target)) for key, w in names.global_names(spec).items()
-            if not (key == "lm_head" and spec.tie_word_embeddings)]
+    plan = [DenseTensor(key, w.shape, dense_dtype(key, target, expert_dtype))
+            for key, w in names.global_names(spec).items() if not (key == "lm_head" and spec.tie_word_embeddings)]
     for layer in range(spec.num_layers):
-        plan += [DenseTensor(f"layers.{layer}.{key}", w.shape, dense_dtype(key, target))
+        plan += [DenseTensor(f"layers.{layer}.{key}", w.shape, dense_dtype(key, target, expert_dtype))
                  for key, w in names.layer_names(spec, layer).items()]
     return plan
 
@@ -56,10 +61,10 @@ def layer_tensor(layer: int, key: str) -> str:
 class DenseWriter:
     """Appends the planned tensors in order; `close` returns the manifest's record of the file."""
 
-    def __init__(self, path: Path, relative: str, spec: ModelSpec, target: str = "cpu"):
+    def __init__(self, path: Path, relative: str, spec: ModelSpec, target: str, expert_dtype: str):
         self.relative = relative
         self.spec = spec
-        self.plan = dense_plan(spec, target)
+        self.plan = dense_plan(spec, target, expert_dtype)
         header, offset = {}, 0
         for tensor in self.plan:
             nbytes = np.dtype(tensor.dtype).itemsize * math.prod(tensor.shape)

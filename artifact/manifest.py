@@ -101,7 +101,7 @@ class GraphRecord:
 class DenseTensor:
     name: str  # "embed", "final_norm", "lm_head" or "layers.{i}.{canonical name}"
     shape: tuple[int, ...]
-    dtype: str  # float32, or float16 for the projection matrices of an ascend_310p3 artifact
+    dtype: str  # float32, or float16 for the projection matrices (artifact.dense.dense_dtype)
 
 
 @dataclass(frozen=True)
@@ -296,8 +296,9 @@ class Manifest:
             for tier in self.tiers:
                 self._require_graph("expert_group", tokens, tier, source)
 
-        if self.dense.tied_head != spec.tie_word_embeddings or self.dense.tensors != tuple(dense_plan(spec, self.target)):
-            fail("dense.tensors are not the dense weights of the model in 'model' (names, shapes or tied head differ)")
+        if self.dense.tied_head != spec.tie_word_embeddings or self.dense.tensors != tuple(
+                dense_plan(spec, self.target, self.experts.dtype)):
+            fail("dense.tensors are not the dense weights of the model in 'model' (names, shapes, dtypes or tied head differ)")
 
         store = self.experts
         if store.dtype not in EXPERT_DTYPES:

@@ -10,7 +10,8 @@ by default, prefetch of `--prefetch-limit` experts per layer, 0 for none, blocks
 experts.bin); transformers eager decodes the same checkpoint with the
 same thread count and prompt, and llama.cpp (`bench.llamacpp`) decodes a GGUF of it in the format
 paired with each dtype (F32, BF16, Q8_0) when its bindings are installed. Printed per contender: ms per token, MB a decode token reads (dense
-FP32 weights, its top-k experts per layer in the storage dtype, head, KV cache), MB streamed per
+weights as stored: FP32, or FP16 matrices beside narrow experts; its top-k experts per layer in the
+storage dtype, head, KV cache), MB streamed per
 token, and the bandwidth bound (bytes read / the best read bandwidth measured in this run).
 
 Every contender runs in its own process, one after the other, so two never share memory; on
@@ -229,7 +230,7 @@ def main() -> None:
           f"{hf_bytes / 1e6:9.0f}{hf_bytes / bandwidth * 1e3:9.1f}"
           f"{hf['ms_per_token'] / (hf_bytes / bandwidth * 1e3):8.2f}{1.0:6.2f}")
     for dtype in dtypes:
-        read = decode_bytes_per_token(spec, read_context, block[dtype])
+        read = decode_bytes_per_token(spec, read_context, dtype, block[dtype])
         bound_ms = read / bandwidth * 1e3
         resident = median_run(runs[dtype, None])
         for pool in (None, args.fraction):

@@ -44,23 +44,22 @@ def read_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
     return data.nbytes / best
 
 
-def dense_layer_params(spec: ModelSpec, layer: int) -> int:
-    """Weights one token reads in a layer outside the routed experts (mixer, router, shared expert)."""
-    from model.names import layer_names
+def decode_bytes_per_token(spec: ModelSpec, context: int, expert_dtype: str = "fp32",
+                           expert_bytes: int | None = None) -> int:
+    """Bytes one decode step must read: the dense weights of every layer and the head as an artifact
+    with `expert_dtype` experts stores them (artifact.dense: FP32, or FP16 matrices beside narrow
+    experts), one embedding row, top-k experts per layer (`expert_bytes` each, as stored: default
+    FP32), and the FP32 KV cache of the attention layers up to `context`."""
+    from artifact.dense import dense_plan
 
-    return sum(int(np.prod(name.shape)) for name in layer_names(spec, layer).values())
-
-
-def decode_bytes_per_token(spec: ModelSpec, context: int, expert_bytes: int | None = None) -> int:
-    """Bytes one decode step must read: FP32 dense weights of every layer, top-k experts per layer
-    (`expert_bytes` each, as stored: default FP32), the head and one embedding row, and the FP32 KV
-    cache of the attention layers up to `context`."""
-    params = sum(dense_layer_params(spec, layer) for layer in range(spec.num_layers))
-    params += spec.vocab_size * spec.hidden_size + spec.hidden_size * 2
+    tensors = {t.name: int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in dense_plan(spec, "cpu", expert_dtype)}
+    table = tensors.pop("embed")
+    read = sum(tensors.values()) + (0 if "lm_head" in tensors else table)  # tied: the head reads the table
+    read += table // spec.vocab_size
     attention_layers = spec.layer_types.count("full_attention")
-    params += attention_layers * 2 * context * spec.num_key_value_heads * spec.head_dim
+    read += attention_layers * 2 * context * spec.num_key_value_heads * spec.head_dim * FLOAT32
     experts = spec.num_layers * spec.num_experts_per_tok
-    return params * FLOAT32 + experts * (expert_bytes or spec.expert_params * FLOAT32)
+    return read + experts * (expert_bytes or spec.expert_params * FLOAT32)
 
 
 def run_worker(script: Path, *args: str) -> dict:

@@ -104,8 +104,8 @@ def sizes(spec: ModelSpec, dtypes: list[str]) -> Sizes:
     edge, layers = dense_params(spec)
     experts = spec.num_layers * spec.num_experts
     checkpoint = 2 * (edge + layers + experts * spec.expert_params)
-    dense = sum(math.prod(t.shape) * np.dtype(getattr(t, "dtype", "float32")).itemsize for t in dense_plan(spec))
-    artifact = {d: dense + experts * block_stride(block_layout(spec, d)) for d in dtypes}
+    artifact = {d: sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in dense_plan(spec, "cpu", d))
+                   + experts * block_stride(block_layout(spec, d)) for d in dtypes}
     layer0 = sum(math.prod(w.shape) for w in layer_names(spec, 0).values())
     return Sizes(spec.num_layers, checkpoint, 2 * edge, artifact, 4 * edge,
                  2 * (layer0 + spec.num_experts * spec.expert_params))

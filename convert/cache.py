@@ -83,8 +83,9 @@ def options_key(options: ConvertOptions) -> dict:
 
 
 def artifact_bytes(spec: ModelSpec, options: ConvertOptions) -> int:
-    """What the artifact will take on disk: the FP32 dense file and the expert store (graphs are small)."""
-    dense = sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in dense_plan(spec, options.target))
+    """What the artifact will take on disk: the dense file and the expert store (graphs are small)."""
+    dense = sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize
+                for t in dense_plan(spec, options.target, options.dtype))
     return dense + spec.num_layers * spec.num_experts * block_stride(block_layout(spec, options.dtype))
 
 

@@ -45,7 +45,7 @@ def _f32(*shape: int) -> TensorSig:
 
 
 def _compute(target: str, *shape: int) -> TensorSig:
-    """A tensor in the target's compute dtype (matrices, KV cache): FP32 on the CPU, FP16 on the 310P3."""
+    """A tensor in the target's compute dtype (the KV cache): FP32 on the CPU, FP16 on the 310P3."""
     return TensorSig(tuple(shape), "float32" if target == "cpu" else "float16")
 
 
@@ -53,10 +53,11 @@ def _i32(*shape: int) -> TensorSig:
     return TensorSig(tuple(shape), "int32")
 
 
-def _layer_weights(spec: ModelSpec, kind: str, order: tuple[str, ...], target: str) -> tuple[TensorSig, ...]:
+def _layer_weights(spec: ModelSpec, kind: str, order: tuple[str, ...], target: str,
+                   expert_dtype: str) -> tuple[TensorSig, ...]:
     layer = spec.layer_types.index(kind)
     table = names.layer_names(spec, layer)
-    return tuple(TensorSig(table[key].shape, dense_dtype(key, target)) for key in order)
+    return tuple(TensorSig(table[key].shape, dense_dtype(key, target, expert_dtype)) for key in order)
 
 
 def _moe_outputs(spec: ModelSpec, t: int) -> tuple[TensorSig, ...]:
@@ -74,19 +75,19 @@ def graph_plans(spec: ModelSpec, buckets: tuple[int, ...], tiers: tuple[TierReco
     sizes = (1,) + tuple(b for b in buckets if b != 1)
     plans = []
     for t in sizes:
-        table = _compute(target, v, h)
+        table = TensorSig((v, h), dense_dtype("embed", target, expert_dtype))  # = lm_head's
         plans.append(GraphPlan(f"embedding_t{t}", "embedding", t, None, (_i32(t), table), (_f32(t, h),)))
         plans.append(GraphPlan(f"head_t{t}", "head", t, None, (_f32(t, h), _f32(h), table), (_f32(t, v), _i32(t))))
         plans.append(GraphPlan(f"last_head_t{t}", "last_head", t, None, (_f32(t, h), _i32(1), _f32(h), table),
                                (_f32(1, v), _i32(1))))
     if "full_attention" in spec.layer_types:
-        weights = _layer_weights(spec, "full_attention", ATTENTION_WEIGHTS, target)
+        weights = _layer_weights(spec, "full_attention", ATTENTION_WEIGHTS, target, expert_dtype)
         cache = _compute(target, kv_cache_rows(s, max(sizes)), kv, d)  # updated in place
         for t in sizes:
             inputs = (_f32(t, h), _f32(t, p), _f32(t, p), cache, cache, _i32()) + weights
             plans.append(GraphPlan(f"attention_t{t}", "attention", t, None, inputs, _moe_outputs(spec, t)))
     if "linear_attention" in spec.layer_types:
-        weights = _layer_weights(spec, "linear_attention", DELTANET_WEIGHTS, target)
+        weights = _layer_weights(spec, "linear_attention", DELTANET_WEIGHTS, target, expert_dtype)
         conv = _f32(spec.linear_conv_kernel_dim - 1, spec.conv_dim)
         rec = _f32(spec.linear_num_value_heads, spec.linear_key_head_dim, spec.linear_value_head_dim)
         for t in sizes:
@@ -113,7 +114,7 @@ def build_cell(plan: GraphPlan, spec: ModelSpec, expert_dtype: str, target: str 
     if plan.kind == "embedding":
         return Embedding()
     if plan.kind == "head":
-        return Head(spec.rms_norm_eps)
+        return Head(spec.rms_norm_eps, cpu_kernels=target == "cpu")
     if plan.kind == "last_head":
         return LastHead(spec.rms_norm_eps, cpu_kernels=target == "cpu")
     if plan.kind == "attention":
@@ -142,7 +143,7 @@ def export_graph(plan: GraphPlan, spec: ModelSpec, expert_dtype: str, root: Path
 
     path = root / plan.path
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = (plan, graph_spec(spec), expert_dtype if plan.kind == "expert_group" else None, target)  # plan: shapes
+    key = (plan, graph_spec(spec), expert_dtype if plan.kind == "expert_group" else None, target)  # plan: signatures
     if key in _EXPORTED:
         path.write_bytes(_EXPORTED[key])
     else:

@@ -230,7 +230,7 @@ def _write_weights(checkpoint: Checkpoint, options: ConvertOptions, tmp: Path, p
                    on_layer):
     spec = checkpoint.spec
     began = time.perf_counter()
-    dense = DenseWriter(tmp / DENSE_FILE, DENSE_FILE, spec, options.target)
+    dense = DenseWriter(tmp / DENSE_FILE, DENSE_FILE, spec, options.target, options.dtype)
     store = StoreWriter(tmp / EXPERT_FILE, EXPERT_FILE, spec, options.dtype)
     total = sum(math.prod(t.shape) for t in dense.plan) + spec.num_layers * spec.num_experts * spec.expert_params
     bar = Progress(progress, total, f"weights ({options.dtype} experts)", "param")

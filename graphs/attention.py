@@ -25,7 +25,7 @@ def rotate_half(x):
 
 
 class GatedAttention(nn.Cell):
-    def __init__(self, spec, tokens: int):
+    def __init__(self, spec, tokens: int, wide):
         super().__init__()
         self.eps = spec.rms_norm_eps
         self.heads = spec.num_attention_heads
@@ -35,7 +35,7 @@ class GatedAttention(nn.Cell):
         self.rotary = spec.rotary_dim
         self.scale = spec.head_dim ** -0.5
         self.tokens = tokens
-        self.linear = Linear()
+        self.linear = Linear(wide)
         self.write = ops.ScatterNdUpdate()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.bmm = ops.BatchMatMul()

@@ -2,11 +2,13 @@
 
 Legend: T tokens in a launch, H hidden, D any feature width.
 Weights arrive in the HF `[out, in]` layout and are multiplied with `transpose_b=True`, so no
-weight is ever transposed (copied) at run time. A graph computes in the dtype of its weights: FP32
-weights (the `cpu` target) give FP32 matmuls; FP16 weights (the `ascend_310p3` target, which has no
-BF16 and whose cube unit multiplies FP16) give FP16 matmuls, activations cast to FP16 going in and
-back to FP32 coming out, so norms, softmax, gates and the DeltaNet recurrence stay FP32. The
-branch on the weight's dtype is decided when the graph compiles, not at run time.
+weight is ever transposed (copied) at run time. FP32 weights give FP32 matmuls. FP16 weights are
+multiplied in the graph's `wide` dtype (`wide_dtype`): in a graph for a card (the `ascend_310p3`
+target, which has no BF16 and whose cube unit multiplies FP16) as they are, activations cast to
+FP16 going in and back to FP32 coming out; in a graph for the CPU (an artifact with narrow experts
+stores its dense matrices in FP16 too) widened to FP32. Norms, softmax, gates and the DeltaNet
+recurrence stay FP32. The branch on the weight's dtype is decided when the graph compiles, not at
+run time.
 """
 from mindspore import nn, ops
 from mindspore.common import dtype as mstype
@@ -25,6 +27,12 @@ def cpu_kernel(name: str, out_shape, out_dtype):
     return op.add_prim_attr("path_from_env", True)
 
 
+def wide_dtype(cpu_kernels: bool):
+    """The dtype a graph multiplies FP16 weights in: FP32 in graphs for the CPU, which computes in FP32
+    (its FP16 matmuls are several times slower), FP16 in graphs for a card (`cpu_kernels=False`)."""
+    return mstype.float32 if cpu_kernels else mstype.float16
+
+
 def in_dtype_of(x, other):
     """x cast to `other`'s dtype when that is FP16 (a FP16 matmul's operands), else x as it is."""
     if other.dtype == mstype.float16:
@@ -40,13 +48,17 @@ def to_f32(x):
 
 
 class Linear(nn.Cell):
-    """y = x @ w.T for x [T, in] and w [out, in], without copying w; y in FP32 (see the module docstring)."""
+    """y = x @ w.T for x [T, in] and w [out, in], without copying w; y in FP32. FP16 weights are
+    multiplied in `wide` (see the module docstring)."""
 
-    def __init__(self):
+    def __init__(self, wide):
         super().__init__()
         self.matmul = ops.MatMul(transpose_b=True)
+        self.widen = wide == mstype.float32
 
     def construct(self, x, weight):
+        if self.widen and weight.dtype == mstype.float16:
+            return self.matmul(x, ops.cast(weight, mstype.float32))  # [T, out]
         return to_f32(self.matmul(in_dtype_of(x, weight), weight))  # [T, out]
 
 
@@ -70,9 +82,9 @@ def l2_normalize(x, eps: float = 1e-6):
 class SwiGLU(nn.Cell):
     """down(silu(gate(x)) * up(x)) with separate gate and up weights (the shared expert)."""
 
-    def __init__(self):
+    def __init__(self, wide):
         super().__init__()
-        self.linear = Linear()
+        self.linear = Linear(wide)
 
     def construct(self, x, gate, up, down):
         hidden = ops.silu(self.linear(x, gate)) * self.linear(x, up)  # [T, I]

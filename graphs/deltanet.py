@@ -33,7 +33,7 @@ def unit_lower_inverse(strict_lower, size: int):
 
 
 class GatedDeltaNet(nn.Cell):
-    def __init__(self, spec, tokens: int):
+    def __init__(self, spec, tokens: int, wide):
         super().__init__()
         self.eps = spec.rms_norm_eps
         self.tokens = tokens
@@ -46,7 +46,7 @@ class GatedDeltaNet(nn.Cell):
         self.chunk = CHUNK if tokens % CHUNK == 0 else tokens
         if tokens > 1 and tokens % self.chunk:
             raise ValueError(f"DeltaNet launch of {tokens} tokens is not a multiple of the chunk {CHUNK}")
-        self.linear = Linear()
+        self.linear = Linear(wide)
         self.bmm = ops.BatchMatMul()
         self.positions = Tensor(np.arange(tokens, dtype=np.int32))  # [T]
         self.state_rows = Tensor(np.arange(self.width - 1, dtype=np.int32))  # [W-1]

@@ -3,7 +3,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 from mindspore.common import dtype as mstype
 
-from graphs.common import Linear, cpu_kernel, rms_norm, to_f32
+from graphs.common import Linear, cpu_kernel, rms_norm, to_f32, wide_dtype
 
 
 class Embedding(nn.Cell):
@@ -15,10 +15,10 @@ class Head(nn.Cell):
     """Final (1 + w) RMSNorm and the vocabulary projection; also each row's greedy choice, so a greedy
     decode reads back one id instead of the vocabulary's logits."""
 
-    def __init__(self, eps: float):
+    def __init__(self, eps: float, cpu_kernels: bool = True):
         super().__init__()
         self.eps = eps
-        self.linear = Linear()
+        self.linear = Linear(wide_dtype(cpu_kernels))
 
     def construct(self, h, final_norm, lm_head):
         return self.project(h, final_norm, lm_head)
@@ -37,7 +37,7 @@ class LastHead(Head):
     operators."""
 
     def __init__(self, eps: float, cpu_kernels: bool = True):
-        super().__init__(eps)
+        super().__init__(eps, cpu_kernels)
         self.kernel = cpu_kernel("FerryLastHead", lambda h, row, eps, norm, head: ([1, head[0]], [1]),
                                  lambda h, row, *rest: (h, mstype.int32)) if cpu_kernels else None
         self.use_kernel = self.kernel is not None

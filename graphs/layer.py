@@ -19,7 +19,7 @@ from mindspore import Tensor, nn
 from mindspore.common import dtype as mstype
 
 from graphs.attention import GatedAttention
-from graphs.common import cpu_kernel, rms_norm
+from graphs.common import cpu_kernel, rms_norm, wide_dtype
 from graphs.deltanet import GatedDeltaNet
 from graphs.moe import Router, SharedExpert
 
@@ -34,11 +34,11 @@ DELTANET_WEIGHTS = (
 class MoEInput(nn.Cell):
     """Post-mixer half: residual add, norm, router and shared expert."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, wide):
         super().__init__()
         self.eps = spec.rms_norm_eps
-        self.router = Router(spec.num_experts_per_tok)
-        self.shared = SharedExpert()
+        self.router = Router(spec.num_experts_per_tok, wide)
+        self.shared = SharedExpert(wide)
 
     def construct(self, residual, mixed, post_norm, router, gate, up, down, shared_gate):
         h = residual + mixed  # [T, H]
@@ -54,8 +54,8 @@ class AttentionLayer(nn.Cell):
     def __init__(self, spec, tokens: int, cpu_kernels: bool = True):
         super().__init__()
         self.eps = spec.rms_norm_eps
-        self.attention = GatedAttention(spec, tokens)
-        self.moe_input = MoEInput(spec)
+        self.attention = GatedAttention(spec, tokens, wide_dtype(cpu_kernels))
+        self.moe_input = MoEInput(spec, wide_dtype(cpu_kernels))
         top_k = spec.num_experts_per_tok
         self.kernel = cpu_kernel(
             "FerryAttentionDecode",
@@ -79,8 +79,8 @@ class DeltaNetLayer(nn.Cell):
     def __init__(self, spec, tokens: int, cpu_kernels: bool = True):
         super().__init__()
         self.eps = spec.rms_norm_eps
-        self.deltanet = GatedDeltaNet(spec, tokens)
-        self.moe_input = MoEInput(spec)
+        self.deltanet = GatedDeltaNet(spec, tokens, wide_dtype(cpu_kernels))
+        self.moe_input = MoEInput(spec, wide_dtype(cpu_kernels))
         top_k = spec.num_experts_per_tok
         self.kernel = cpu_kernel(
             "FerryDeltaNetDecode",

@@ -11,18 +11,17 @@ tokens go to which slot is decided on the host from the router's output. `Expert
 the layer's MoE input and adds the weighted outputs to the layer's hidden state, in one launch.
 """
 from mindspore import nn, ops
-from mindspore.common import dtype as mstype
 
-from graphs.common import Linear, SwiGLU, cpu_kernel
+from graphs.common import Linear, SwiGLU, cpu_kernel, wide_dtype
 
 
 class Router(nn.Cell):
     """Softmax over E experts, top-K, renormalised: the same arithmetic as the reference router."""
 
-    def __init__(self, top_k: int):
+    def __init__(self, top_k: int, wide):
         super().__init__()
         self.top_k = top_k
-        self.linear = Linear()
+        self.linear = Linear(wide)
 
     def construct(self, x, router):
         probs = ops.softmax(self.linear(x, router), -1)  # [T, E]
@@ -33,10 +32,10 @@ class Router(nn.Cell):
 class SharedExpert(nn.Cell):
     """The always-on expert, scaled by sigmoid(shared_expert_gate . x)."""
 
-    def __init__(self):
+    def __init__(self, wide):
         super().__init__()
-        self.mlp = SwiGLU()
-        self.linear = Linear()
+        self.mlp = SwiGLU(wide)
+        self.linear = Linear(wide)
 
     def construct(self, x, gate, up, down, shared_expert_gate):
         return ops.sigmoid(self.linear(x, shared_expert_gate)) * self.mlp(x, gate, up, down)  # [T, H]
@@ -65,8 +64,8 @@ class ExpertGroup(nn.Cell):
         super().__init__()
         self.slots = slots
         self.intermediate = intermediate
-        self.linear = Linear()
-        self.wide = mstype.float32 if cpu_kernels else mstype.float16
+        self.wide = wide_dtype(cpu_kernels)
+        self.linear = Linear(self.wide)
         self.kernel = cpu_kernel(self.KERNEL, lambda x, *shapes: x, lambda x, *dtypes: x) if cpu_kernels else None
         self.use_kernel = self.kernel is not None
 

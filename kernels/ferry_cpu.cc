@@ -16,6 +16,8 @@
 //                    layer up to the routed experts (graphs.layer's layers at T = 1): see
 //                    deltanet_decode and attention_decode below.
 //   FerryLastHead    the final norm, vocabulary projection and greedy choice of one row (last_head).
+//   The layer and head kernels take their weight matrices in FP32 or FP16 (an artifact with narrow
+//   experts stores its dense matrices in FP16), each matrix as its input's dtype says.
 //
 // Narrow weights are widened to FP32 in registers, 8 at a time, so they are read from memory at their
 // stored width. Arithmetic is FP32 with FMA; each output element is one dot product summed in a fixed
@@ -261,9 +263,33 @@ namespace {
 inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 inline float softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v)); }  // torch's threshold 20
 
+// A weight matrix input of a layer kernel: FP32, or FP16 (its IEEE half bits).
+struct Matrix {
+  const void *data;
+  bool half;
+};
+
+Matrix matrix(void **params, const char **dtypes, int i) {
+  return {params[i], std::strcmp(dtypes[i], "float16") == 0};
+}
+
+// Whether every input and output has the dtype a kernel takes: int32 at `ints`, FP32 or FP16 at
+// `matrices`, FP32 elsewhere.
+bool dtypes_match(int nparam, const char **dtypes, std::initializer_list<int> ints,
+                  std::initializer_list<int> matrices) {
+  for (int i = 0; i < nparam; ++i) {
+    const auto is = [&](std::initializer_list<int> list) { return std::find(list.begin(), list.end(), i) != list.end(); };
+    const bool ok = is(ints) ? std::strcmp(dtypes[i], "int32") == 0
+                             : std::strcmp(dtypes[i], "float32") == 0 ||
+                                   (is(matrices) && std::strcmp(dtypes[i], "float16") == 0);
+    if (!ok) return false;
+  }
+  return true;
+}
+
 // One matrix-vector product of a stage: out[r] = w[r, :] . x for r < rows.
 struct MatVec {
-  const float *w;
+  Matrix w;
   int64_t rows;
   const float *x;
   int64_t K;
@@ -282,7 +308,12 @@ void matvecs(std::initializer_list<MatVec> products) {
       int64_t offset = 0;  // the first row of product p in the stage's row numbering
       for (const auto &p : list) {
         const int64_t from = std::max(first, offset) - offset, to = std::min(stop, offset + p.rows) - offset;
-        for (int64_t row = from; row < to; ++row) dot_rows<1>(p.x, 1, p.w + row * p.K, p.K, nullptr, p.out + row, 1);
+        for (int64_t row = from; row < to; ++row) {
+          if (p.w.half)
+            dot_rows<1>(p.x, 1, static_cast<const uint16_t *>(p.w.data) + row * p.K, p.K, nullptr, p.out + row, 1);
+          else
+            dot_rows<1>(p.x, 1, static_cast<const float *>(p.w.data) + row * p.K, p.K, nullptr, p.out + row, 1);
+        }
         offset += p.rows;
       }
     }
@@ -299,14 +330,14 @@ void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *
 
 // The layer's second half after its mixer, as graphs.layer.MoEInput computes it for one token:
 // partial = h + mixed + the shared expert, x_moe = the post-mixer norm, and the router's top-K.
-// `weights` (and their `shapes`): post_attn_norm [H], router [E, H], shared_gate [Is, H], shared_up
-// [Is, H], shared_down [H, Is], shared_expert_gate [1, H]. `mixed` [H] is overwritten.
-void moe_input(const float *h, float *mixed, int64_t H, float eps, void **weights, int64_t **shapes, float *partial,
-               float *x_moe, float *top_weights, int32_t *top_experts, int64_t K) {
-  auto w = [&](int i) { return static_cast<const float *>(weights[i]); };
+// `weights` (and their `shapes`, `dtypes`): post_attn_norm [H], router [E, H], shared_gate [Is, H],
+// shared_up [Is, H], shared_down [H, Is], shared_expert_gate [1, H]. `mixed` [H] is overwritten.
+void moe_input(const float *h, float *mixed, int64_t H, float eps, void **weights, int64_t **shapes,
+               const char **dtypes, float *partial, float *x_moe, float *top_weights, int32_t *top_experts, int64_t K) {
+  auto w = [&](int i) { return matrix(weights, dtypes, i); };
   const int64_t E = shapes[1][0], Is = shapes[2][0];
   for (int64_t i = 0; i < H; ++i) mixed[i] += h[i];
-  rms_norm(mixed, w(0), H, eps, x_moe);
+  rms_norm(mixed, static_cast<const float *>(weights[0]), H, eps, x_moe);
   std::vector<float> logits(E), gate(Is), up(Is), shared(H);
   float shared_logit = 0;
   matvecs({{w(1), E, x_moe, H, logits.data()}, {w(2), Is, x_moe, H, gate.data()}, {w(3), Is, x_moe, H, up.data()},
@@ -341,9 +372,8 @@ void moe_input(const float *h, float *mixed, int64_t H, float eps, void **weight
 // expert), x_moe [1, H], top-K weights [1, K] and expert ids [1, K] int32, conv_state, rec_state.
 int deltanet_decode(int nparam, void **params, int64_t **shapes, const char **dtypes) {
   constexpr int kInputs = 21;
-  if (nparam != kInputs + 6) return 1;
-  for (int i = 0; i < nparam; ++i)  // FP32 all through, but n_valid and the expert ids
-    if (std::strcmp(dtypes[i], i == 3 || i == kInputs + 3 ? "int32" : "float32") != 0) return 1;
+  if (nparam != kInputs + 6 || !dtypes_match(nparam, dtypes, {3, kInputs + 3}, {6, 7, 8, 9, 14, 16, 17, 18, 19, 20}))
+    return 1;
   auto in = [&](int i) { return static_cast<const float *>(params[i]); };
   const int64_t H = shapes[0][1], W = shapes[1][0] + 1, C = shapes[1][1];
   const int64_t Hv = shapes[2][0], Dk = shapes[2][1], Dv = shapes[2][2];
@@ -353,8 +383,9 @@ int deltanet_decode(int nparam, void **params, int64_t **shapes, const char **dt
   const float *h = in(0), *conv_state = in(1), *rec_state = in(2);
   const float real = *static_cast<const int32_t *>(params[3]) > 0 ? 1.0f : 0.0f;  // padding leaves the state
   const float eps = *in(4);
-  const float *input_norm = in(5), *w_qkv = in(6), *w_z = in(7), *w_b = in(8), *w_a = in(9), *conv = in(10);
-  const float *a_log = in(11), *dt_bias = in(12), *norm = in(13), *w_out = in(14);
+  const float *input_norm = in(5), *conv = in(10), *a_log = in(11), *dt_bias = in(12), *norm = in(13);
+  auto w = [&](int i) { return matrix(params, dtypes, i); };
+  const Matrix w_qkv = w(6), w_z = w(7), w_b = w(8), w_a = w(9), w_out = w(14);
   auto *partial = static_cast<float *>(params[kInputs]);
   auto *x_moe = static_cast<float *>(params[kInputs + 1]);
   auto *top_weights = static_cast<float *>(params[kInputs + 2]);
@@ -413,7 +444,8 @@ int deltanet_decode(int nparam, void **params, int64_t **shapes, const char **dt
   });
   matvecs({{w_out, H, core.data(), Hv * Dv, mixed.data()}});
 
-  moe_input(h, mixed.data(), H, eps, params + 15, shapes + 15, partial, x_moe, top_weights, top_experts, K);
+  moe_input(h, mixed.data(), H, eps, params + 15, shapes + 15, dtypes + 15, partial, x_moe, top_weights, top_experts,
+            K);
   return 0;
 }
 
@@ -427,16 +459,17 @@ int deltanet_decode(int nparam, void **params, int64_t **shapes, const char **dt
 // place the same way).
 int attention_decode(int nparam, void **params, int64_t **shapes, const char **dtypes) {
   constexpr int kInputs = 20;
-  if (nparam != kInputs + 4) return 1;
-  for (int i = 0; i < nparam; ++i)  // FP32 all through, but cache_len and the expert ids
-    if (std::strcmp(dtypes[i], i == 5 || i == kInputs + 3 ? "int32" : "float32") != 0) return 1;
+  if (nparam != kInputs + 4 || !dtypes_match(nparam, dtypes, {5, kInputs + 3}, {8, 9, 10, 11, 15, 16, 17, 18, 19}))
+    return 1;
   auto in = [&](int i) { return static_cast<const float *>(params[i]); };
   const int64_t H = shapes[0][1], P = shapes[1][1], S = shapes[3][0], KV = shapes[3][1], D = shapes[3][2];
   const int64_t N = shapes[8][0] / (2 * D), R = N / KV, K = shapes[kInputs + 2][1];
   const int64_t cached = *static_cast<const int32_t *>(params[5]);
   if (N * 2 * D != shapes[8][0] || R * KV != N || P > D || P % 2 || cached < 0 || cached >= S) return 1;
   const float *h = in(0), *cos = in(1), *sin = in(2), *k_cache = in(3), *v_cache = in(4), eps = *in(6);
-  const float *w_q = in(8), *w_k = in(9), *w_v = in(10), *w_o = in(11), *q_norm = in(12), *k_norm = in(13);
+  const float *q_norm = in(12), *k_norm = in(13);
+  auto w = [&](int i) { return matrix(params, dtypes, i); };
+  const Matrix w_q = w(8), w_k = w(9), w_v = w(10), w_o = w(11);
   float *key = static_cast<float *>(params[3]) + cached * KV * D;  // the caches' row of this token
   float *value = static_cast<float *>(params[4]) + cached * KV * D;
 
@@ -479,7 +512,7 @@ int attention_decode(int nparam, void **params, int64_t **shapes, const char **d
     }
   });
   matvecs({{w_o, H, out.data(), N * D, mixed.data()}});
-  moe_input(h, mixed.data(), H, eps, params + 14, shapes + 14, static_cast<float *>(params[kInputs]),
+  moe_input(h, mixed.data(), H, eps, params + 14, shapes + 14, dtypes + 14, static_cast<float *>(params[kInputs]),
             static_cast<float *>(params[kInputs + 1]), static_cast<float *>(params[kInputs + 2]),
             static_cast<int32_t *>(params[kInputs + 3]), K);
   return 0;
@@ -489,9 +522,7 @@ int attention_decode(int nparam, void **params, int64_t **shapes, const char **d
 // int32, eps [1], final_norm [H], lm_head [V, H]; outputs the row's logits [1, V] and greedy choice [1]
 // int32 (the first of equal maxima). The vocabulary projection is a decode token's largest single read.
 int last_head(int nparam, void **params, int64_t **shapes, const char **dtypes) {
-  if (nparam != 7) return 1;
-  for (int i = 0; i < nparam; ++i)
-    if (std::strcmp(dtypes[i], i == 1 || i == 6 ? "int32" : "float32") != 0) return 1;
+  if (nparam != 7 || !dtypes_match(nparam, dtypes, {1, 6}, {4})) return 1;
   const int64_t T = shapes[0][0], H = shapes[0][1], V = shapes[4][0];
   const int64_t row = *static_cast<const int32_t *>(params[1]);
   if (row < 0 || row >= T || shapes[4][1] != H) return 1;
@@ -499,7 +530,7 @@ int last_head(int nparam, void **params, int64_t **shapes, const char **dtypes) 
   rms_norm(static_cast<const float *>(params[0]) + row * H, static_cast<const float *>(params[3]), H,
            *static_cast<const float *>(params[2]), x.data());
   auto *logits = static_cast<float *>(params[5]);
-  matvecs({{static_cast<const float *>(params[4]), V, x.data(), H, logits}});
+  matvecs({{matrix(params, dtypes, 4), V, x.data(), H, logits}});
   *static_cast<int32_t *>(params[6]) = static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
   return 0;
 }

@@ -113,7 +113,7 @@ def step_launches(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: st
     h = spec.hidden_size
     compute = "float32" if target == "cpu" else "float16"
     embed = Launch("embedding", 2, _nbytes((tokens, h), compute), 0.0)
-    head_bytes = _nbytes((spec.vocab_size, h), dense_dtype("lm_head", target))
+    head_bytes = _nbytes((spec.vocab_size, h), dense_dtype("lm_head", target, expert_dtype))
     head = Launch("head", 4, head_bytes, 2.0 * spec.vocab_size * h)
     parts = block_layout(spec, expert_dtype)
     block = block_bytes(parts)
@@ -121,7 +121,7 @@ def step_launches(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: st
     layers = []
     for layer, kind in enumerate(spec.layer_types):
         weights = names.layer_names(spec, layer)
-        nbytes = sum(_nbytes(w.shape, dense_dtype(key, target)) for key, w in weights.items())
+        nbytes = sum(_nbytes(w.shape, dense_dtype(key, target, expert_dtype)) for key, w in weights.items())
         flops = 2.0 * tokens * sum(w.shape[0] * w.shape[1] for w in weights.values() if len(w.shape) == 2)
         if kind == "full_attention":  # the cached keys and values, one head group each
             cache = 2 * context * spec.num_key_value_heads * spec.head_dim

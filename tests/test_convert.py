@@ -32,19 +32,21 @@ PROMPT = 70
 NEW_TOKENS = 32
 TIERS = (TierRecord(1, 2), TierRecord(8, 4), TierRecord(64, 2))
 FP32_OPTIONS = ConvertOptions("fp32", TIERS, (16, 64), 256)
-# Stated tolerances of narrow expert storage against FP32 storage of the same checkpoint, over the
-# 70 teacher-forced prompt positions (test_narrow_storage_accuracy; measured values in the comments).
-# max: max |logit diff|; rel_rms: RMS logit diff / RMS logit; kl: mean KL(FP32 || narrow) of the
-# next-token distributions; top1: fraction of positions with the same argmax.
+# Stated tolerances of narrow storage (experts in the narrow format, dense matrices in FP16:
+# artifact.dense) against FP32 storage of the same checkpoint, over the 70 teacher-forced prompt
+# positions (test_narrow_storage_accuracy; measured values in the comments). max: max |logit diff|;
+# rel_rms: RMS logit diff / RMS logit; kl: mean KL(FP32 || narrow) of the next-token distributions;
+# top1: fraction of positions with the same argmax.
 TOLERANCE = {
-    # FP32 weights stored as FP16 (measured 2.6e-3, 3.7e-4, 6.8e-8, 1.0; 32/32 greedy tokens equal)
-    "fp16": {"max": 1e-2, "rel_rms": 1e-3, "kl": 1e-6, "top1": 1.0},
-    # INT8 per output channel (measured 0.88, 4.2e-2, 8.9e-4, 0.986; greedy tokens part after 3 of 32:
+    # FP32 weights stored as FP16 (measured 2.2e-2, 1.8e-3, 1.6e-6, 1.0; 32/32 greedy tokens equal;
+    # with FP16 experts alone, dense FP32: 2.6e-3, 3.7e-4, 6.8e-8)
+    "fp16": {"max": 5e-2, "rel_rms": 4e-3, "kl": 4e-6, "top1": 1.0},
+    # INT8 per output channel (measured 0.88, 4.2e-2, 9.0e-4, 0.986; greedy tokens part after 3 of 32:
     # a tiny random model's next-token distribution is flat, and one flipped top-k expert moves a logit
     # by up to ~1)
     "int8": {"max": 2.5, "rel_rms": 0.1, "kl": 3e-3, "top1": 0.95},
     # BF16 weights stored as FP16: a BF16 value within FP16's normal range (6.1e-5 .. 65504) is exact
-    # in FP16, smaller ones lose a few bits as subnormals (measured 2.2e-6, 3.5e-7, 7e-14, 1.0; 32/32)
+    # in FP16, smaller ones lose a few bits as subnormals (measured 1.3e-5, 1.2e-6, 7e-13, 1.0; 32/32)
     "bf16->fp16": {"max": 1e-4, "rel_rms": 1e-5, "kl": 1e-9, "top1": 1.0},
 }
 BF16_SHAPE = TinyShape(dtype="bfloat16", fused=True, shard_bytes=30_000, tied=True, interval=4, seed=1)
@@ -185,6 +187,9 @@ def test_narrow_storage_accuracy(case, narrow, base):
     """Against FP32 storage of the same checkpoint: teacher-forced logits over the 70-token prompt,
     and 32 greedy tokens."""
     out, manifest, reference, ref_tokens = narrow[case]
+    dtypes = {t.name: t.dtype for t in manifest.dense.tensors}
+    assert dtypes["embed"] == dtypes["layers.0.in_proj_qkv"] == dtypes["layers.0.router"] == "float16"
+    assert dtypes["final_norm"] == dtypes["layers.0.A_log"] == dtypes["layers.0.conv1d"] == "float32"
     engine = engine_from_artifact(out)
     errors = logit_errors(engine.forward(base[1], all_logits=True), reference)
     tokens = generate(engine, base[1][:20], NEW_TOKENS, eos_ids=()).token_ids

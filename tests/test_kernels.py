@@ -1,7 +1,8 @@
 """Ferry's CPU kernels (kernels/ferry_cpu.cc) against numpy, and the engine with them switched off.
 
 The decode kernels (a whole DeltaNet or attention layer at T = 1, and the last-row head) are checked
-against the same Cells on MindSpore's operators, over several steps with their states fed back.
+against the same Cells on MindSpore's operators, over several steps with their states fed back, with
+FP32 and with FP16 weight matrices (an artifact with narrow experts stores its dense matrices in FP16).
 
 The kernels run every expert group on the CPU, in each storage format (fp32, fp16, int8), so they
 are checked at the shapes that exercise their remainders (rows not a multiple of the 4 x 3 register
@@ -25,6 +26,7 @@ import mindspore as ms
 from mindspore import nn
 
 from checkpoints import TinyShape, load_oracle, write_checkpoint
+from artifact.dense import MATRICES
 from graphs.common import cpu_kernel
 from graphs.embed_head import LastHead
 from graphs.layer import ATTENTION_WEIGHTS, DELTANET_WEIGHTS, AttentionLayer, DeltaNetLayer
@@ -312,14 +314,22 @@ DECODE_SPEC = ModelSpec(
     moe_intermediate_size=16, shared_expert_intermediate_size=20, eos_token_ids=())
 
 
-def layer_weights(rng, layer: int, order: tuple[str, ...]) -> list:
+def layer_weights(rng, layer: int, order: tuple[str, ...], matrices: str) -> list:
+    """The layer's weights in `order`, its matrices (artifact.dense.MATRICES) in `matrices`."""
     names = layer_names(DECODE_SPEC, layer)
-    return [ms.Tensor((0.4 * rng.standard_normal(names[key].shape)).astype(np.float32)) for key in order]
+    return [ms.Tensor((0.4 * rng.standard_normal(names[key].shape)).astype(matrices if key in MATRICES else np.float32))
+            for key in order]
 
 
-def kernel_and_operators(layer_class):
-    """The layer's decode Cell with Ferry's kernel, and the same Cell on MindSpore's operators."""
-    kernel, operators = layer_class(DECODE_SPEC, 1), layer_class(DECODE_SPEC, 1, cpu_kernels=False)
+def kernel_and_operators(make, monkeypatch):
+    """The Cell `make()` builds with Ferry's kernel, and the same CPU graph on MindSpore's operators
+    (what FERRY_CPU_KERNELS=0 builds: FP16 weights widened to FP32 where they multiply)."""
+    kernel = make()
+    with monkeypatch.context() as switched_off:
+        switched_off.setenv("FERRY_CPU_KERNELS", "0")
+        kernel_build.compiled.cache_clear()
+        operators = make()
+    kernel_build.compiled.cache_clear()
     assert kernel.use_kernel and not operators.use_kernel, "the kernel library did not build"
     return kernel, operators
 
@@ -335,13 +345,14 @@ def assert_step_agrees(ours, theirs) -> None:
             np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-5 * max(np.abs(reference).max(), 1.0))
 
 
-def test_deltanet_decode_kernel_matches_the_operators():
+@pytest.mark.parametrize("matrices", ["float32", "float16"])
+def test_deltanet_decode_kernel_matches_the_operators(matrices, monkeypatch):
     """Four decode steps through a DeltaNet layer, states fed back: `FerryDeltaNetDecode` and the
     graph's operators give the same outputs and states; a padding step (n_valid 0) leaves the
     recurrent state as it was."""
     rng = np.random.default_rng(11)
-    weights = layer_weights(rng, 0, DELTANET_WEIGHTS)
-    kernel, operators = kernel_and_operators(DeltaNetLayer)
+    weights = layer_weights(rng, 0, DELTANET_WEIGHTS, matrices)
+    kernel, operators = kernel_and_operators(lambda: DeltaNetLayer(DECODE_SPEC, 1), monkeypatch)
     c, v = DECODE_SPEC.conv_dim, DECODE_SPEC.linear_num_value_heads
     conv = ms.Tensor(rng.standard_normal((3, c)).astype(np.float32))
     recurrent = ms.Tensor(rng.standard_normal((v, 12, 10)).astype(np.float32))
@@ -357,13 +368,14 @@ def test_deltanet_decode_kernel_matches_the_operators():
         states = {"kernel": ours[4:], "operators": theirs[4:]}
 
 
-def test_attention_decode_kernel_matches_the_operators():
+@pytest.mark.parametrize("matrices", ["float32", "float16"])
+def test_attention_decode_kernel_matches_the_operators(matrices, monkeypatch):
     """Three decode steps through an attention layer over a cache already holding 5 tokens:
     `FerryAttentionDecode` and the graph's operators give the same outputs and write the same key and
     value rows into their caches, in place."""
     rng = np.random.default_rng(12)
-    weights = layer_weights(rng, 1, ATTENTION_WEIGHTS)
-    kernel, operators = kernel_and_operators(AttentionLayer)
+    weights = layer_weights(rng, 1, ATTENTION_WEIGHTS, matrices)
+    kernel, operators = kernel_and_operators(lambda: AttentionLayer(DECODE_SPEC, 1), monkeypatch)
     filled = np.zeros((9, 2, 12), np.float32)
     filled[:5] = rng.standard_normal((5, 2, 12))
     caches = {name: (ms.Tensor(filled.copy()), ms.Tensor(filled[..., ::-1].copy())) for name in ("kernel", "operators")}
@@ -382,13 +394,13 @@ def test_attention_decode_kernel_matches_the_operators():
             assert np.abs(mine.asnumpy()[position]).max() > 0, "the token's row was not written into the cache"
 
 
-def test_last_head_kernel_matches_the_operators():
+@pytest.mark.parametrize("matrices", ["float32", "float16"])
+def test_last_head_kernel_matches_the_operators(matrices, monkeypatch):
     rng = np.random.default_rng(13)
     h = ms.Tensor(rng.standard_normal((3, 44)).astype(np.float32))
     norm = ms.Tensor(rng.standard_normal(44).astype(np.float32))
-    head = ms.Tensor(rng.standard_normal((50, 44)).astype(np.float32))
-    kernel, operators = LastHead(1e-6), LastHead(1e-6, cpu_kernels=False)
-    assert kernel.use_kernel and not operators.use_kernel
+    head = ms.Tensor(rng.standard_normal((50, 44)).astype(matrices))
+    kernel, operators = kernel_and_operators(lambda: LastHead(1e-6), monkeypatch)
     for row in (0, 2):
         index = ms.Tensor(np.array([row], np.int32))
         assert_step_agrees(kernel(h, index, norm, head), operators(h, index, norm, head))
