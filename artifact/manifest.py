@@ -22,11 +22,12 @@ from model.spec import CheckpointError, ModelSpec
 
 FORMAT = "ferry-artifact"
 DIGEST_KEY = "manifest_sha256"
-VERSION = 7  # 2: expert-group graphs take the real rows of each slot after x; 3: target, kernels, dense dtypes;
+VERSION = 8  # 2: expert-group graphs take the real rows of each slot after x; 3: target, kernels, dense dtypes;
 # 4: the manifest carries its own digest, and the tokenizer files; 5: attention graphs write their keys and
 # values into the KV cache in place (`kv_cache_rows` rows) instead of returning them; 6: the head graphs
 # also return each row's greedy choice; 7: expert groups per (tier, launch size) gather their rows from the
-# layer's MoE input and add their outputs to its hidden state on the device; `last_head` graphs
+# layer's MoE input and add their outputs to its hidden state on the device; `last_head` graphs; 8: a cpu
+# artifact with fp16 or int8 experts stores its dense matrices in FP16
 TOKENIZER_DIR = "tokenizer"
 # Copied from the checkpoint when present: an artifact alone can then take a text prompt and a chat.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")

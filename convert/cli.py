@@ -76,8 +76,9 @@ def _convert_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-dir", required=True, type=Path, help="HF checkpoint directory")
     parser.add_argument("--out", required=True, type=Path, help="artifact directory to create")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "int8"), default="fp32",
-                        help="expert storage: fp32 exact; fp16 (BF16 range clamped, reported); "
-                             "int8 weight-only, per-output-channel scales (default fp32)")
+                        help="expert storage: fp32 exact (dense weights FP32 too); fp16 (BF16 range clamped, "
+                             "reported); int8 weight-only, per-output-channel scales; beside fp16 or int8 experts the "
+                             "dense matrices are FP16 (default fp32)")
     parser.add_argument("--device", choices=TARGETS, default="cpu",
                         help="what the graphs are for: cpu (FP32, Ferry's CPU kernel) or ascend_310p3 (FP16 "
                              "matmuls over FP16 weights and KV cache, no CPU op; experts fp16 or int8) (default cpu)")
