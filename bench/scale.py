@@ -86,7 +86,7 @@ class Sizes:
     checkpoint: int
     checkpoint_edge: int  # embedding, head and final norm, BF16
     artifact: dict[str, int]  # dtype -> bytes
-    artifact_edge: int  # the same, FP32 in the artifact
+    artifact_edge: dict[str, int]  # dtype -> the same in the artifact (FP32 beside fp32 experts, else FP16)
     layer_checkpoint: int  # one decoder layer (layer 0, DeltaNet) in the checkpoint
 
     def per_layer(self, total: int, edge: int) -> float:
@@ -96,7 +96,7 @@ class Sizes:
 def sizes(spec: ModelSpec, dtypes: list[str]) -> Sizes:
     import numpy as np
 
-    from artifact.dense import dense_plan
+    from artifact.dense import dense_dtype, dense_plan
     from model.names import layer_names
     from artifact.store import block_layout, block_stride
     from app.plan import dense_params
@@ -107,7 +107,8 @@ def sizes(spec: ModelSpec, dtypes: list[str]) -> Sizes:
     artifact = {d: sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in dense_plan(spec, "cpu", d))
                    + experts * block_stride(block_layout(spec, d)) for d in dtypes}
     layer0 = sum(math.prod(w.shape) for w in layer_names(spec, 0).values())
-    return Sizes(spec.num_layers, checkpoint, 2 * edge, artifact, 4 * edge,
+    edge_bytes = {d: edge * np.dtype(dense_dtype("embed", "cpu", d)).itemsize for d in dtypes}
+    return Sizes(spec.num_layers, checkpoint, 2 * edge, artifact, edge_bytes,
                  2 * (layer0 + spec.num_experts * spec.expert_params))
 
 
@@ -366,8 +367,9 @@ def preflight(args, dtypes: list[str], cold: int) -> None:
               f"{sz.checkpoint_edge / GB:.2f} GB embedding and head, BF16; "
               f"{'cached' if ck.exists() else 'to write'})")
         for dtype, n in sz.artifact.items():
-            print(f"              {dtype} artifact {n / GB:.2f} GB ({sz.per_layer(n, sz.artifact_edge) / GB:.2f} GB "
-                  f"per layer + {sz.artifact_edge / GB:.2f} GB FP32 embedding and head)")
+            edge = sz.artifact_edge[dtype]
+            print(f"              {dtype} artifact {n / GB:.2f} GB ({sz.per_layer(n, edge) / GB:.2f} GB "
+                  f"per layer + {edge / GB:.2f} GB embedding and head)")
     new = lambda sz: 0 if checkpoint_path(sz.layers, args.vocab).exists() else sz.checkpoint  # noqa: E731
     # Writes in order: the deep checkpoint, its artifacts one at a time (kept with --keep), then the
     # shallow checkpoint and its one artifact. Checkpoints stay; the peak is the worst step.

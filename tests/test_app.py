@@ -323,6 +323,10 @@ def test_plan_checks_the_host_beside_a_card(tmp_path):
     assert_clean(cpu)  # one memory: the pool is what is left of RAM after everything else, the store stays on disk
     assert "host (the same memory)" in cpu.stdout and re.search(r"x 3\.0 MiB int8", cpu.stdout)
     assert "10240 x 3.0 MiB int8 = 30.12 GiB on disk" in cpu.stdout
+    # beside int8 experts the dense matrices are FP16 (artifact.dense), 2 bytes a parameter
+    assert re.search(r"dense weights\s+3\.61 GiB\s+1\.94 B params, FP16", cpu.stdout)
+    fp32 = ferry(["mode=plan", "+model=qwen36_35b", "device=cpu"], tmp_path, tmp_path)
+    assert re.search(r"dense weights\s+7\.23 GiB\s+1\.94 B params, FP32", fp32.stdout)
 
 
 def test_plan_refuses_a_pool_smaller_than_one_launch():
