@@ -65,11 +65,6 @@ class DeviceProfile:
         """The artifact target whose graphs run here: `cpu` on the CPU backend, else the device's name."""
         return "cpu" if self.backend == "CPU" else self.name
 
-    def dense_bytes(self, expert_dtype: str) -> int:
-        """Bytes per dense parameter (the matrices; the few norm vectors are FP32) in an artifact for this
-        device with `expert_dtype` experts (artifact.dense)."""
-        return DTYPE_BYTES[dense_dtype("embed", self.target, expert_dtype)]
-
 
 @dataclass(frozen=True)
 class Placement:
@@ -225,7 +220,8 @@ def plan_memory(spec: ModelSpec, device: DeviceProfile, placement: Placement, ma
     `expert_dtype` is the storage of the expert blocks (the artifact's; default the device's)."""
     b = device.dtype_bytes
     expert_dtype = expert_dtype or device.expert_dtype
-    dense_b = device.dense_bytes(expert_dtype)
+    dense = dense_dtype("embed", device.target, expert_dtype)  # the matrices' (the few norm vectors are FP32)
+    dense_b = DTYPE_BYTES[dense]
     kinds = spec.layer_types
     attention_layers = kinds.count("full_attention")
     deltanet_layers = len(kinds) - attention_layers
@@ -237,7 +233,7 @@ def plan_memory(spec: ModelSpec, device: DeviceProfile, placement: Placement, ma
     recurrent = spec.linear_num_value_heads * spec.linear_key_head_dim * spec.linear_value_head_dim
     work, work_name = workspace_elements(spec, prefill_tokens, max_context, tiers)
     dtype = device.compute_dtype.replace("float", "FP")
-    dense_label = dense_dtype("embed", device.target, expert_dtype).replace("float", "FP")
+    dense_label = dense.replace("float", "FP")
     # On the CPU backend the untied embedding table is used where it lies in the mapped dense file:
     # a token reads one row, so the table is page cache the OS may drop, not memory the run holds.
     # (Tied, the head reads all of it every token.) A card holds it with the other dense weights.

@@ -44,6 +44,11 @@ def dense_dtype(key: str, target: str, expert_dtype: str) -> str:
     return "float16" if narrow and key in MATRICES else "float32"
 
 
+def tensor_bytes(tensor: DenseTensor) -> int:
+    """Bytes of one dense tensor as stored."""
+    return np.dtype(tensor.dtype).itemsize * math.prod(tensor.shape)
+
+
 def dense_plan(spec: ModelSpec, target: str, expert_dtype: str) -> list[DenseTensor]:
     """Every dense tensor of the artifact, in file order: globals first, then layer by layer."""
     plan = [DenseTensor(key, w.shape, dense_dtype(key, target, expert_dtype))
@@ -67,7 +72,7 @@ class DenseWriter:
         self.plan = dense_plan(spec, target, expert_dtype)
         header, offset = {}, 0
         for tensor in self.plan:
-            nbytes = np.dtype(tensor.dtype).itemsize * math.prod(tensor.shape)
+            nbytes = tensor_bytes(tensor)
             header[tensor.name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
                                    "data_offsets": [offset, offset + nbytes]}
             offset += nbytes

@@ -50,9 +50,9 @@ def decode_bytes_per_token(spec: ModelSpec, context: int, expert_dtype: str = "f
     with `expert_dtype` experts stores them (artifact.dense: FP32, or FP16 matrices beside narrow
     experts), one embedding row, top-k experts per layer (`expert_bytes` each, as stored: default
     FP32), and the FP32 KV cache of the attention layers up to `context`."""
-    from artifact.dense import dense_plan
+    from artifact.dense import dense_plan, tensor_bytes
 
-    tensors = {t.name: int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in dense_plan(spec, "cpu", expert_dtype)}
+    tensors = {t.name: tensor_bytes(t) for t in dense_plan(spec, "cpu", expert_dtype)}
     table = tensors.pop("embed")
     read = sum(tensors.values()) + (0 if "lm_head" in tensors else table)  # tied: the head reads the table
     read += table // spec.vocab_size

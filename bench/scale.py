@@ -96,7 +96,7 @@ class Sizes:
 def sizes(spec: ModelSpec, dtypes: list[str]) -> Sizes:
     import numpy as np
 
-    from artifact.dense import dense_dtype, dense_plan
+    from artifact.dense import dense_dtype, dense_plan, tensor_bytes
     from model.names import layer_names
     from artifact.store import block_layout, block_stride
     from app.plan import dense_params
@@ -104,8 +104,8 @@ def sizes(spec: ModelSpec, dtypes: list[str]) -> Sizes:
     edge, layers = dense_params(spec)
     experts = spec.num_layers * spec.num_experts
     checkpoint = 2 * (edge + layers + experts * spec.expert_params)
-    artifact = {d: sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in dense_plan(spec, "cpu", d))
-                   + experts * block_stride(block_layout(spec, d)) for d in dtypes}
+    artifact = {d: sum(map(tensor_bytes, dense_plan(spec, "cpu", d))) + experts * block_stride(block_layout(spec, d))
+                for d in dtypes}
     layer0 = sum(math.prod(w.shape) for w in layer_names(spec, 0).values())
     edge_bytes = {d: edge * np.dtype(dense_dtype("embed", "cpu", d)).itemsize for d in dtypes}
     return Sizes(spec.num_layers, checkpoint, 2 * edge, artifact, edge_bytes,

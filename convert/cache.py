@@ -21,16 +21,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import math
 import shutil
 import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from artifact.dense import dense_plan
+from artifact.dense import dense_plan, tensor_bytes
 from artifact.manifest import MANIFEST_NAME, VERSION, ArtifactError
 from convert.pipeline import ConvertOptions, convert, kernels_called
 from model.spec import ModelSpec, load_spec
@@ -84,8 +81,7 @@ def options_key(options: ConvertOptions) -> dict:
 
 def artifact_bytes(spec: ModelSpec, options: ConvertOptions) -> int:
     """What the artifact will take on disk: the dense file and the expert store (graphs are small)."""
-    dense = sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize
-                for t in dense_plan(spec, options.target, options.dtype))
+    dense = sum(map(tensor_bytes, dense_plan(spec, options.target, options.dtype)))
     return dense + spec.num_layers * spec.num_experts * block_stride(block_layout(spec, options.dtype))
 
 
