@@ -8,7 +8,8 @@ so any slot can hold any expert and the offload controller decides where weights
 tokens go to which slot is decided on the host from the router's output. `ExpertGroupFP16` and
 `ExpertGroupInt8` take the same slots in the expert store's narrower formats and compute in FP32.
 `ExpertLaunch` wraps a group so that the tokens' rows never leave the device: it gathers them from
-the layer's MoE input and adds the weighted outputs to the layer's hidden state, in one launch.
+the layer's MoE input and adds the weighted outputs to the layer's hidden state, in one launch (on
+the CPU, one kernel call).
 """
 from mindspore import nn, ops
 
@@ -59,6 +60,7 @@ class ExpertGroup(nn.Cell):
     """
 
     KERNEL = "FerryExperts"  # the CPU kernel for this storage format
+    LAUNCH_KERNEL = "FerryExpertLaunch"  # the same inside a whole ExpertLaunch
 
     def __init__(self, slots: int, intermediate: int, cpu_kernels: bool = True):
         super().__init__()
@@ -92,6 +94,7 @@ class ExpertGroupFP16(ExpertGroup):
     """
 
     KERNEL = "FerryExpertsF16"
+    LAUNCH_KERNEL = "FerryExpertLaunchF16"
 
     def expert(self, x, g, weights):
         gate_up = ops.cast(weights[g], self.wide)  # [2I, H]
@@ -109,6 +112,7 @@ class ExpertGroupInt8(ExpertGroup):
     """
 
     KERNEL = "FerryExpertsI8"
+    LAUNCH_KERNEL = "FerryExpertLaunchI8"
 
     def expert(self, x, g, weights):
         n = self.slots
@@ -125,14 +129,22 @@ class ExpertLaunch(nn.Cell):
     int32 (the token of each slot row; padding rows name any token), `scale` [G, C] (the router's
     weight of each row; 0 on padding), `counts` [G] int32, then the group's slot weights. Returns
     hidden + sum over rows of scale * expert(x[row]) added at each row's token, [T, H]: only `rows`,
-    `scale` and `counts` come from the host.
+    `scale` and `counts` come from the host. Where the group has a CPU kernel the whole launch is one
+    call of its launch kernel (`LAUNCH_KERNEL`): MindSpore's gather, multiply and scatter-add around
+    the group added 10-16% to a prefill launch (2 slots of 64 rows over 1024 tokens), 0-5% to a decode
+    launch.
     """
 
     def __init__(self, group: ExpertGroup):
         super().__init__()
         self.group = group
+        self.kernel = (cpu_kernel(group.LAUNCH_KERNEL, lambda hidden, *shapes: hidden, lambda hidden, *dtypes: hidden)
+                       if group.use_kernel else None)
+        self.use_kernel = self.kernel is not None
 
     def construct(self, hidden, x, rows, scale, counts, *weights):
+        if self.use_kernel:
+            return self.kernel(hidden, x, rows, scale, counts, *weights)  # [T, H]
         slots, capacity = rows.shape
         flat = rows.reshape(-1)  # [G*C]
         gathered = ops.gather(x, flat, 0).reshape(slots, capacity, -1)  # [G, C, H]

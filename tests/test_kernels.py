@@ -30,7 +30,7 @@ from artifact.dense import MATRICES
 from graphs.common import cpu_kernel
 from graphs.embed_head import LastHead
 from graphs.layer import ATTENTION_WEIGHTS, DELTANET_WEIGHTS, AttentionLayer, DeltaNetLayer
-from graphs.moe import ExpertGroup, ExpertGroupFP16, ExpertGroupInt8
+from graphs.moe import ExpertGroup, ExpertGroupFP16, ExpertGroupInt8, ExpertLaunch
 from kernels import build as kernel_build
 from kernels.build import KernelBuildError, build, cache_key, cpu_features
 from kernels.host import PARTS, host_kernels
@@ -168,9 +168,32 @@ def test_host_kernels_give_the_graph_result_bit_for_bit(dtype):
     graph = run(GROUPS[dtype](3, 10), x, counts, weights)
     host = host_kernels()
     np.testing.assert_array_equal(host.expert_group(x, counts, weights), graph)
-    slots, slot, rows = 3, 2, 32  # 32 rows: 10 x 3 + 2, where the graph's 70 rows are 23 x 3 + 1
+    slots, slot = 3, 2
     block = {part: weights[index * slots + slot] for index, part in enumerate(PARTS[: len(weights) // slots])}
-    np.testing.assert_array_equal(host.expert(x[slot, :rows], block), graph[slot, :rows])
+    for rows in (32, 1):  # 32 rows: 10 x 3 + 2, where the graph's 70 rows are 23 x 3 + 1; 1 row: a decode slot
+        np.testing.assert_array_equal(host.expert(x[slot, :rows], block), graph[slot, :rows])
+
+
+@pytest.mark.parametrize("dtype", GROUPS)
+def test_expert_launch_kernel_matches_the_mindspore_fallback(dtype):
+    """A whole ExpertLaunch as one kernel call (gather, experts, weighted scatter-add) against the same
+    Cell on MindSpore's operators: tokens chosen by several slots, a slot with no rows, padding rows
+    naming a token with weight 0 (as the dispatcher sends them), to FP32 rounding."""
+    rng = np.random.default_rng(13)
+    tokens, hidden, intermediate, capacity, counts = 9, 37, 10, 5, np.array([5, 0, 2], np.int32)
+    rows = rng.integers(0, tokens, (3, capacity)).astype(np.int32)
+    rows[0], rows[2, :2] = [4, 0, 8, 1, 2], [4, 8]  # tokens 4 and 8 in two slots each
+    scale = rng.uniform(0.1, 1, (3, capacity)).astype(np.float32)
+    scale[np.arange(capacity)[None, :] >= counts[:, None]] = 0
+    weights, _ = expert_weights(rng, dtype, 3, hidden, intermediate)
+    inputs = [rng.standard_normal((tokens, hidden)).astype(np.float32) for _ in range(2)] + [rows, scale, counts]
+    kernel, fallback = ExpertLaunch(GROUPS[dtype](3, intermediate)), ExpertLaunch(GROUPS[dtype](3, intermediate))
+    fallback.use_kernel = fallback.group.use_kernel = False
+    assert kernel.use_kernel, "the kernel library did not build"
+    ours, theirs = (cell(*map(ms.Tensor, inputs + weights)).asnumpy() for cell in (kernel, fallback))
+    assert np.abs(theirs - inputs[0]).max() > 1, "the experts added something"
+    np.testing.assert_array_equal(ours[[3, 5, 6, 7]], inputs[0][[3, 5, 6, 7]])  # tokens no slot row carries
+    assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
 
 
 def test_host_kernels_reject_inputs_that_do_not_fit():

@@ -1,0 +1,95 @@
+"""An expert-group launch as one kernel call against MindSpore's operators around the group kernel.
+
+    python -m bench.expert_launch [--steps 40] [--threads 2]
+
+`graphs.moe.ExpertLaunch` on the CPU runs its whole launch in Ferry's launch kernel
+(`FerryExpertLaunch*`: gather each slot row's token from the MoE input, the experts, the router-weighted
+outputs added to the hidden state). Its contender is the same Cell with `use_kernel` off: MindSpore's
+gather, the expert-group kernel (`FerryExperts*`), a multiply and `tensor_scatter_add`, which is what
+Ferry ran before. Both run at real width (H 2048, I 512) in each storage format, at a prefill launch
+(1024 tokens, 2 slots of capacity 64 carrying 32 rows each: a 1024-token prompt's typical expert load)
+and a decode launch (1 token, 8 slots of 1 row), on device-resident activations, every step's slots
+holding other experts from a pool larger than the caches. The two take turns step by step in one
+process (their order alternating), so both see the same machine; printed per shape: the medians and
+the median of the per-step ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+H, I, POOL = 2048, 512, 32  # hidden, expert intermediate width, experts each format cycles through
+SHAPES = ((1024, 2, 64, 32), (1, 8, 1, 1))  # tokens, slots G, capacity C, real rows per slot
+
+
+def expert_pool(rng, dtype: str) -> list[list]:
+    """POOL experts' tensors per slot part, in the order a launch takes them (gate_up, down[, scales])."""
+    import mindspore as ms
+
+    if dtype == "int8":
+        return [[ms.Tensor(rng.integers(-127, 128, shape, dtype=np.int8)) for _ in range(POOL)]
+                for shape in ((2 * I, H), (H, I))] + [
+            [ms.Tensor((rng.uniform(0.5, 1.5, n) / 127 * 0.02).astype(np.float32)) for _ in range(POOL)]
+            for n in (2 * I, H)]
+    kind = np.float16 if dtype == "fp16" else np.float32
+    return [[ms.Tensor((0.02 * rng.standard_normal(shape)).astype(kind)) for _ in range(POOL)]
+            for shape in ((2 * I, H), (H, I))]
+
+
+def compare(dtype: str, tokens: int, group: int, capacity: int, real: int, steps: int, rng) -> dict:
+    import mindspore as ms
+    from graphs.moe import ExpertGroup, ExpertGroupFP16, ExpertGroupInt8, ExpertLaunch
+
+    cls = {"fp32": ExpertGroup, "fp16": ExpertGroupFP16, "int8": ExpertGroupInt8}[dtype]
+    fused, operators = ExpertLaunch(cls(group, I)), ExpertLaunch(cls(group, I))
+    if not fused.use_kernel:
+        raise SystemExit("Ferry's CPU kernels are unavailable here (FERRY_CPU_KERNELS=0, or no compiler)")
+    operators.use_kernel = False
+    pool = expert_pool(rng, dtype)
+    rows = np.stack([rng.permutation(tokens)[:capacity] if tokens >= capacity else np.zeros(capacity, np.int64)
+                     for _ in range(group)]).astype(np.int32)  # [G, C]
+    scale = np.full((group, capacity), 0.1, np.float32)
+    scale[:, real:] = 0  # padding rows
+    counts = np.full(group, real, np.int32)
+    zeros = ms.Tensor(np.zeros((tokens, H), np.float32))
+    inputs = [ms.Tensor(a) for a in (rows, scale, counts)]
+    # activations as the engine has them: the output of a graph, on the device
+    hidden = fused(zeros, zeros, *inputs, *[part[0] for part in pool for _ in range(group)])
+    seconds = {"kernel": [], "operators": []}
+    for step in range(steps + 4):
+        experts = [(step * group + g) % POOL for g in range(group)]
+        weights = [part[e] for part in pool for e in experts]
+        order = (("kernel", fused), ("operators", operators))
+        for name, cell in order if step % 2 else order[::-1]:
+            start = time.perf_counter()
+            cell(hidden, hidden, *inputs, *weights).asnumpy()
+            if step >= 4:  # the first steps compile and warm up
+                seconds[name].append(time.perf_counter() - start)
+    kernel, ops_ = np.array(seconds["kernel"]), np.array(seconds["operators"])
+    return {"kernel_ms": 1e3 * np.median(kernel), "operators_ms": 1e3 * np.median(ops_),
+            "paired": float(np.median(ops_ / kernel))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="timed launches of each contender per shape")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    from runtime.backend import configure
+
+    configure(threads=args.threads)
+    rng = np.random.default_rng(0)
+    print(f"H {H}, I {I}, {args.threads} threads, {args.steps} steps per shape, contenders alternating")
+    print(f"{'experts':>8s} {'launch':>26s} {'kernel ms':>10s} {'operators ms':>13s} {'operators / kernel':>19s}")
+    for dtype in ("fp32", "fp16", "int8"):
+        for tokens, group, capacity, real in SHAPES:
+            result = compare(dtype, tokens, group, capacity, real, args.steps, rng)
+            shape = f"T={tokens} G={group} C={capacity} rows {real}"
+            print(f"{dtype:>8s} {shape:>26s} {result['kernel_ms']:10.2f} {result['operators_ms']:13.2f} "
+                  f"{result['paired']:18.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
