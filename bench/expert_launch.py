@@ -40,9 +40,9 @@ def expert_pool(rng, dtype: str) -> list[list]:
 
 def compare(dtype: str, tokens: int, group: int, capacity: int, real: int, steps: int, rng) -> dict:
     import mindspore as ms
-    from graphs.moe import ExpertGroup, ExpertGroupFP16, ExpertGroupInt8, ExpertLaunch
+    from graphs.moe import GROUPS, ExpertLaunch
 
-    cls = {"fp32": ExpertGroup, "fp16": ExpertGroupFP16, "int8": ExpertGroupInt8}[dtype]
+    cls = GROUPS[dtype]
     fused, operators = ExpertLaunch(cls(group, I)), ExpertLaunch(cls(group, I))
     if not fused.use_kernel:
         raise SystemExit("Ferry's CPU kernels are unavailable here (FERRY_CPU_KERNELS=0, or no compiler)")

@@ -109,7 +109,7 @@ def build_cell(plan: GraphPlan, spec: ModelSpec, expert_dtype: str, target: str 
     groups, decode layer launches and the last-row head call Ferry's CPU kernels."""
     from graphs.embed_head import Embedding, Head, LastHead
     from graphs.layer import AttentionLayer, DeltaNetLayer
-    from graphs.moe import ExpertGroup, ExpertGroupFP16, ExpertGroupInt8, ExpertLaunch
+    from graphs.moe import GROUPS, ExpertLaunch
 
     if plan.kind == "embedding":
         return Embedding()
@@ -121,8 +121,7 @@ def build_cell(plan: GraphPlan, spec: ModelSpec, expert_dtype: str, target: str 
         return AttentionLayer(spec, plan.tokens, cpu_kernels=target == "cpu")
     if plan.kind == "deltanet":
         return DeltaNetLayer(spec, plan.tokens, cpu_kernels=target == "cpu")
-    group = {"fp32": ExpertGroup, "fp16": ExpertGroupFP16, "int8": ExpertGroupInt8}[expert_dtype]
-    return ExpertLaunch(group(plan.tier.group, spec.moe_intermediate_size, cpu_kernels=target == "cpu"))
+    return ExpertLaunch(GROUPS[expert_dtype](plan.tier.group, spec.moe_intermediate_size, cpu_kernels=target == "cpu"))
 
 
 def zero_inputs(signature: tuple[TensorSig, ...]) -> list:

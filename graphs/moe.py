@@ -131,8 +131,8 @@ class ExpertLaunch(nn.Cell):
     hidden + sum over rows of scale * expert(x[row]) added at each row's token, [T, H]: only `rows`,
     `scale` and `counts` come from the host. Where the group has a CPU kernel the whole launch is one
     call of its launch kernel (`LAUNCH_KERNEL`): MindSpore's gather, multiply and scatter-add around
-    the group added 10-16% to a prefill launch (2 slots of 64 rows over 1024 tokens), 0-5% to a decode
-    launch.
+    the group added 12-26% to a prefill launch (2 slots of 64 rows over 1024 tokens), 0-8% to a decode
+    launch (`python -m bench.expert_launch`).
     """
 
     def __init__(self, group: ExpertGroup):
@@ -150,3 +150,6 @@ class ExpertLaunch(nn.Cell):
         gathered = ops.gather(x, flat, 0).reshape(slots, capacity, -1)  # [G, C, H]
         y = self.group(gathered, counts, *weights) * scale.reshape(slots, capacity, 1)  # [G, C, H]
         return ops.tensor_scatter_add(hidden, flat.reshape(-1, 1), y.reshape(slots * capacity, -1))  # [T, H]
+
+
+GROUPS = {"fp32": ExpertGroup, "fp16": ExpertGroupFP16, "int8": ExpertGroupInt8}  # by expert storage dtype

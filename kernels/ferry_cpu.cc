@@ -16,7 +16,7 @@
 //                    layer's activations (graphs.moe.ExpertLaunch): gather each slot row's token, the
 //                    group above, and the router-weighted outputs added to the hidden state (see
 //                    expert_launch below). MindSpore's gather, multiply and scatter-add around the
-//                    group added 10-16% to a launch of 2 x 64 rows over 1024 tokens.
+//                    group added 12-26% to a launch of 2 x 64 rows over 1024 tokens.
 //   FerryDeltaNetDecode, FerryAttentionDecode  one decode token through a whole DeltaNet or attention
 //                    layer up to the routed experts (graphs.layer's layers at T = 1): see
 //                    deltanet_decode and attention_decode below.

@@ -30,14 +30,13 @@ from artifact.dense import MATRICES
 from graphs.common import cpu_kernel
 from graphs.embed_head import LastHead
 from graphs.layer import ATTENTION_WEIGHTS, DELTANET_WEIGHTS, AttentionLayer, DeltaNetLayer
-from graphs.moe import ExpertGroup, ExpertGroupFP16, ExpertGroupInt8, ExpertLaunch
+from graphs.moe import GROUPS, ExpertLaunch
 from kernels import build as kernel_build
 from kernels.build import KernelBuildError, build, cache_key, cpu_features
 from kernels.host import PARTS, host_kernels
 from model.names import layer_names
 from model.spec import ModelSpec
 
-GROUPS = {"fp32": ExpertGroup, "fp16": ExpertGroupFP16, "int8": ExpertGroupInt8}
 ROOT = Path(__file__).parents[1]
 
 # argv: a directory of <dtype>.npz expert-group inputs, then "export" (<dtype>.mindir beside each) or
@@ -50,10 +49,10 @@ import mindspore as ms
 from mindspore import nn
 from runtime.backend import configure
 configure()
-from graphs.moe import ExpertGroup, ExpertGroupFP16, ExpertGroupInt8
+from graphs.moe import GROUPS
 from kernels.build import library
 outputs = {}
-for dtype, group in {"fp32": ExpertGroup, "fp16": ExpertGroupFP16, "int8": ExpertGroupInt8}.items():
+for dtype, group in GROUPS.items():
     graph = Path(sys.argv[1]) / dtype
     saved = np.load(graph.with_suffix(".npz"))
     inputs = [ms.Tensor(saved[f"arr_{n}"]) for n in range(len(saved))]
