@@ -31,7 +31,9 @@ SOURCE = Path(__file__).with_name("ferry_cpu.cc")
 FLAGS = ("-std=c++20", "-O3", "-march=native", "-shared", "-fPIC", "-pthread")
 CACHE = Path(os.environ.get("FERRY_CACHE", Path.home() / ".cache" / "ferry")) / "kernels"
 SOURCE_DIGEST = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-VARIABLE = f"FERRY_CPU_LIBRARY_{SOURCE_DIGEST}"  # holds the library's path; exported graphs name it
+# holds the library's path; exported graphs name it. The suffix: MindSpore compiles an AOT op whose library
+# name ends in "cc", "cpp" or "cu" as a source file, which a bare hex digest sometimes does
+VARIABLE = f"FERRY_CPU_LIBRARY_{SOURCE_DIGEST}_PATH"
 
 log = logging.getLogger(__name__)
 
