@@ -41,7 +41,7 @@ def build_engine(artifact: Path, spec: ModelSpec, plan: MemoryPlan):
     from runtime import build  # MindSpore loads here: plans and config errors stay fast
 
     try:
-        engine = build.engine_from_artifact(artifact, plan.residence, expect=spec)
+        engine = build.engine_from_artifact(artifact, plan.residence, expect=spec, memory=plan.device.memory)
     except CheckpointError:  # a damaged or foreign artifact: its own message names the file
         raise
     except ValueError as err:  # the pool the plan sized cannot hold a launch of the artifact's tiers
@@ -367,9 +367,12 @@ def run_mode(cfg: DictConfig, r: Run, quiet: bool) -> tuple[dict, str]:
     tables: the offload controller's per layer when it ran, and the ledger of crossings."""
     started = time.perf_counter()
     say = silent if quiet else print
-    if r.device.backend != "CPU":
-        raise ConfigError(f"device={r.device.name} can be planned (mode=plan) but not run yet: "
-                          "runtime.backend sets up MindSpore's CPU backend only")
+    from runtime.backend import BackendMissing, require
+
+    try:
+        require(r.device.backend)  # before anything loads: mode=plan and mode=predict need no backend
+    except BackendMissing as err:
+        raise CannotRun(f"device={r.device.name}: {err}") from None
     sampling = settings.sampling(cfg.sampling)
     max_new = settings.positive_int(cfg.max_new_tokens, "max_new_tokens")
     source = prompt_source(cfg.prompt, cfg.prompt_file, cfg.prompt_ids, r.model.get("default_prompt"))

@@ -27,7 +27,9 @@ from dataclasses import asdict, dataclass, field
 from model.names import global_names, layer_names
 from model.spec import ModelSpec
 from artifact.dense import dense_dtype
+from artifact.manifest import kv_cache_rows
 from artifact.store import block_layout, block_stride
+from offload.policies import DEFAULT_POLICY
 from offload.residence import ALL, AUTO, Residence, decide
 from offload.tiers import TierSet
 
@@ -35,6 +37,10 @@ GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2}
 STATE_BYTES = 4  # DeltaNet states stay FP32: the recurrence accumulates over the whole sequence
 DELTANET_CHUNK = 64  # graphs.deltanet.CHUNK, repeated so planning does not import MindSpore
+
+
+# offload.device.MODELS, named here so that reading a config does not load MindSpore (tests hold them equal)
+MEMORY_MODELS = ("shared", "apart")
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class DeviceProfile:
     expert_dtype: str = "fp32"  # the expert storage this device's artifacts use by default
     host_memory_bytes: int | None = None  # None: the host is the device (CPU backend)
     host_reserved_bytes: int = 0  # Python, MindSpore and the driver on the host, beside a card
+    memory: str = "shared"  # the memory model (offload.device): shared (host is device) or apart (a card's)
 
     @property
     def host_is_device(self) -> bool:
@@ -71,7 +78,7 @@ class Placement:
     """Where experts live and compute: a budget in GiB, `auto` or `all`; the rest steers offload."""
 
     expert_budget_gb: float | str = AUTO
-    policy: str = "lru"
+    policy: str = DEFAULT_POLICY
     prefetch: bool = False
     host_compute: str | tuple[int, ...] = "never"
 
@@ -228,23 +235,26 @@ def plan_memory(spec: ModelSpec, device: DeviceProfile, placement: Placement, ma
     edge, layers = dense_params(spec)
     expert_bytes = expert_block_bytes(spec, expert_dtype)
     total_experts = spec.num_layers * spec.num_experts
-    kv_bytes = attention_layers * 2 * max_context * spec.num_key_value_heads * spec.head_dim * b
+    kv_rows = kv_cache_rows(max_context, prefill_tokens)  # as the engine allocates them: padding rows too
+    kv_bytes = attention_layers * 2 * kv_rows * spec.num_key_value_heads * spec.head_dim * b
     conv = (spec.linear_conv_kernel_dim - 1) * spec.conv_dim
     recurrent = spec.linear_num_value_heads * spec.linear_key_head_dim * spec.linear_value_head_dim
     work, work_name = workspace_elements(spec, prefill_tokens, max_context, tiers)
     dtype = device.compute_dtype.replace("float", "FP")
     dense_label = dense.replace("float", "FP")
-    # On the CPU backend the untied embedding table is used where it lies in the mapped dense file:
-    # a token reads one row, so the table is page cache the OS may drop, not memory the run holds.
-    # (Tied, the head reads all of it every token.) A card holds it with the other dense weights.
-    mapped_embedding = spec.vocab_size * spec.hidden_size if device.host_is_device and not spec.tie_word_embeddings else 0
+    # On the CPU backend in the shared memory model the untied embedding table is used where it lies in the
+    # mapped dense file: a token reads one row, so the table is page cache the OS may drop, not memory the run
+    # holds. (Tied, the head reads all of it every token.) A card, and `apart`, hold it with the other dense
+    # weights.
+    shared = device.host_is_device and device.memory == "shared"
+    mapped_embedding = spec.vocab_size * spec.hidden_size if shared and not spec.tie_word_embeddings else 0
     held = edge + layers - mapped_embedding
     fixed = [
         PlanItem("dense weights", held * dense_b,
                  f"{count(held)} params, {dense_label}: " + ("head" if mapped_embedding else "embedding + head")
                  + f" {count(edge - mapped_embedding)}, {spec.num_layers} layers {count(layers)}"),
         PlanItem("KV cache", kv_bytes,
-                 f"{attention_layers} attention layers x K,V x {max_context} tokens x {spec.num_key_value_heads} "
+                 f"{attention_layers} attention layers x K,V x {kv_rows} rows x {spec.num_key_value_heads} "
                  f"heads x {spec.head_dim}, {dtype}"),
         PlanItem("DeltaNet state", deltanet_layers * (conv + recurrent) * STATE_BYTES,
                  f"{deltanet_layers} layers x (conv {spec.linear_conv_kernel_dim - 1}x{spec.conv_dim} + recurrent "

@@ -17,7 +17,7 @@ from artifact.manifest import EXPERT_DTYPES
 from model.spec import CheckpointError, ModelSpec, load_spec, spec_from_config
 from offload.policies import POLICIES
 from offload.tiers import TierSet, from_config
-from app.plan import ALL, AUTO, DTYPE_BYTES, GIB, DeviceProfile, Placement
+from app.plan import ALL, AUTO, DTYPE_BYTES, GIB, MEMORY_MODELS, DeviceProfile, Placement
 from runtime.sampling import Sampling
 
 
@@ -98,8 +98,15 @@ def device_profile(cfg: Mapping) -> DeviceProfile:
     if host is not None:
         host_bytes = _host_memory_bytes() if host == "auto" else int(_number(host, "device.host_memory_gb", False) * GIB)
     host_reserved = int(_number(cfg.get("host_reserved_gb", 0), "device.host_reserved_gb") * GIB)
-    return DeviceProfile(str(cfg.get("name")), str(cfg.get("backend")), memory_bytes, reserved, dtype, **bandwidths,
-                         expert_dtype=experts, host_memory_bytes=host_bytes, host_reserved_bytes=host_reserved)
+    backend = str(cfg.get("backend"))
+    model = cfg.get("memory", "shared" if backend == "CPU" else "apart")
+    if model not in MEMORY_MODELS or (backend != "CPU" and model != "apart"):
+        allowed = list(MEMORY_MODELS) if backend == "CPU" else ["apart"]
+        raise ConfigError(f"device.memory must be one of {allowed} on the {backend} backend, got {model!r} "
+                          "(shared: the host is the device, as on MindSpore's CPU backend only)")
+    return DeviceProfile(str(cfg.get("name")), backend, memory_bytes, reserved, dtype, **bandwidths,
+                         expert_dtype=experts, host_memory_bytes=host_bytes, host_reserved_bytes=host_reserved,
+                         memory=model)
 
 
 def placement(cfg: Mapping) -> Placement:

@@ -22,12 +22,14 @@ from model.spec import CheckpointError, ModelSpec
 
 FORMAT = "ferry-artifact"
 DIGEST_KEY = "manifest_sha256"
-VERSION = 8  # 2: expert-group graphs take the real rows of each slot after x; 3: target, kernels, dense dtypes;
+VERSION = 9  # 2: expert-group graphs take the real rows of each slot after x; 3: target, kernels, dense dtypes;
 # 4: the manifest carries its own digest, and the tokenizer files; 5: attention graphs write their keys and
 # values into the KV cache in place (`kv_cache_rows` rows) instead of returning them; 6: the head graphs
 # also return each row's greedy choice; 7: expert groups per (tier, launch size) gather their rows from the
 # layer's MoE input and add their outputs to its hidden state on the device; `last_head` graphs; 8: a cpu
-# artifact with fp16 or int8 experts stores its dense matrices in FP16
+# artifact with fp16 or int8 experts stores its dense matrices in FP16; 9: expert groups read their experts
+# from the device's expert pool by slot index (pool dimensions ANY), and a cpu artifact's kernel expert groups
+# have no MindIR file
 TOKENIZER_DIR = "tokenizer"
 # Copied from the checkpoint when present: an artifact alone can then take a text prompt and a chat.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -62,9 +64,12 @@ class UnsafePathError(ManifestError):
     """A manifest path is absolute, climbs out with `..`, or resolves (via a symlink) outside the artifact."""
 
 
+ANY = -1  # a dimension of any size: the expert pool's slots and row length are the run's, not the graph's
+
+
 @dataclass(frozen=True)
 class TensorSig:
-    """Shape and numpy dtype of one graph input or output."""
+    """Shape and numpy dtype of one graph input or output; a dimension ANY takes any size."""
 
     shape: tuple[int, ...]
     dtype: str
@@ -87,13 +92,16 @@ class TierRecord:
 
 @dataclass(frozen=True)
 class GraphRecord:
-    """One exported MindIR graph. Layer graphs serve every layer of their kind (weights are inputs)."""
+    """One graph of the artifact. Layer graphs serve every layer of their kind (weights are inputs)."""
 
     name: str
     kind: str  # one of GRAPH_KINDS
     tokens: int  # T of a launch
     tier: TierRecord | None  # an expert group's slots and capacity [G, C]; None for other graphs
-    file: FileRecord
+    # the exported MindIR; None for an expert group that calls Ferry's CPU kernels: MindSpore 2.10 cannot
+    # load a graph whose AOT custom op takes a dynamic-shape input (the expert pool), so the runtime
+    # builds the same Cell (`graphs.moe.ExpertLaunch`) and checks it against this record's signature
+    file: FileRecord | None
     inputs: tuple[TensorSig, ...]
     outputs: tuple[TensorSig, ...]
 
@@ -277,7 +285,7 @@ class Manifest:
         names = [g.name for g in self.graphs]
         if len(set(names)) != len(names):
             fail("two graphs share a name")
-        files = [g.file.path for g in self.graphs] + [self.dense.file.path, self.experts.path]
+        files = [g.file.path for g in self.graphs if g.file] + [self.dense.file.path, self.experts.path]
         if len(set(files)) != len(files):
             fail("two entries share a file path")
         for i, g in enumerate(self.graphs):
@@ -286,8 +294,12 @@ class Manifest:
             if (g.kind == "expert_group") != (g.tier is not None) or not isinstance(g.tokens, int) or g.tokens < 1:
                 fail(f"graphs[{i}] ({g.name}): every graph has a launch size (tokens >= 1), an expert_group a tier too, "
                      "other graphs no tier")
+            if g.file is None and (g.kind != "expert_group" or self.kernels is None):
+                fail(f"graphs[{i}] ({g.name}): only the expert groups of an artifact whose graphs call Ferry's CPU "
+                     "kernels have no file")
             for sig in g.inputs + g.outputs:
-                if sig.dtype not in TENSOR_DTYPES or any(d < 0 for d in sig.shape):
+                if sig.dtype not in TENSOR_DTYPES or any(d < 0 and d != ANY for d in sig.shape) or (
+                        ANY in sig.shape and g.kind != "expert_group"):
                     fail(f"graphs[{i}] ({g.name}): bad tensor signature {sig}")
         kinds = {"embedding", "head", "last_head"} | {"attention" if k == "full_attention" else "deltanet"
                                                       for k in spec.layer_types}
@@ -335,9 +347,13 @@ class Manifest:
         except ArtifactError as err:
             raise ManifestError(f"{source}: {err}") from None
 
+    def checksummed_files(self) -> list[FileRecord]:
+        """Every file with a recorded SHA-256: graphs (those with a file), the dense weights, the tokenizer."""
+        return [g.file for g in self.graphs if g.file] + [self.dense.file, *self.tokenizer]
+
     def paths(self) -> list[tuple[str, str]]:
         """(field, relative path) of every file the manifest names."""
-        return ([(f"graphs[{i}].file.path", g.file.path) for i, g in enumerate(self.graphs)]
+        return ([(f"graphs[{i}].file.path", g.file.path) for i, g in enumerate(self.graphs) if g.file]
                 + [("dense.file.path", self.dense.file.path), ("experts.path", self.experts.path)]
                 + [(f"tokenizer[{i}].path", f.path) for i, f in enumerate(self.tokenizer)])
 

@@ -126,6 +126,16 @@ class ExpertStoreReader:
         block = self._block(layer, expert)
         return memoryview(self._map)[block.offset : block.offset + self.record.block_bytes]
 
+    def mapped_blocks(self) -> np.ndarray:
+        """The whole store as [L * E, stride] bytes, read-only, in place: row l * E + e is block (l, e), as the
+        writer lays blocks out (a store laid out otherwise is refused, naming the first misplaced block)."""
+        stride, count = self.record.stride, self.num_layers * self.num_experts
+        for block in self.record.blocks:
+            if block.offset != (block.layer * self.num_experts + block.expert) * stride:
+                raise ArtifactError(f"{self.path}: block of layer {block.layer}, expert {block.expert} is at offset "
+                                    f"{block.offset}, not at its place in layer-major order")
+        return np.frombuffer(self._map, np.uint8, count * stride).reshape(count, stride)
+
     def arrays(self, layer: int, expert: int) -> dict[str, np.ndarray]:
         """The block's arrays by part name (read-only views of the mapped file)."""
         block = self._block(layer, expert)
@@ -181,7 +191,7 @@ class Artifact:
             if diffs:
                 raise ModelMismatchError(
                     f"{root}: converted from another model ('{manifest.source.name}'): " + "; ".join(diffs))
-        files = [(f"graphs[{i}].file", g.file) for i, g in enumerate(manifest.graphs)]
+        files = [(f"graphs[{i}].file", g.file) for i, g in enumerate(manifest.graphs) if g.file]
         files.append(("dense.file", manifest.dense.file))
         files += [(f"tokenizer[{i}]", f) for i, f in enumerate(manifest.tokenizer)]
         for where, record in files:
@@ -200,8 +210,7 @@ class Artifact:
     # -- verification ---------------------------------------------------------------------------
     def verify_files(self) -> None:
         """SHA-256 of every graph, the dense file and the tokenizer files against the manifest."""
-        records = [g.file for g in self.manifest.graphs] + [self.manifest.dense.file, *self.manifest.tokenizer]
-        for record in records:
+        for record in self.manifest.checksummed_files():
             self.verify_file(record)
 
     def tokenizer_dir(self) -> Path | None:

@@ -72,6 +72,40 @@ def block_stride(parts: tuple[BlockPart, ...], alignment: int = ALIGNMENT) -> in
     return _align(block_bytes(parts), alignment)
 
 
+@dataclass(frozen=True)
+class Region:
+    """The bytes [start, end) of a block that hold its parts of one dtype: one tensor of the device's expert
+    pool (`offload.device.ExpertPool`), each of whose rows holds this region of one block from its start."""
+
+    dtype: np.dtype
+    start: int
+    end: int
+
+
+def regions(parts, block_bytes: int) -> tuple[tuple[Region, ...], tuple[int, ...]]:
+    """A block's dtype regions, in order, tiling [0, block_bytes) (the alignment gap before a region belongs
+    to the one before it), and the region of each part. The block layout keeps the parts of one dtype
+    together (weights, then int8's scales): a layout that does not is refused."""
+    starts: list[tuple[np.dtype, int]] = []
+    of_part = []
+    for part in parts:
+        dtype = np.dtype(part.dtype)
+        if not starts or starts[-1][0] != dtype:
+            if any(d == dtype for d, _ in starts):
+                raise ValueError(f"block part {part.name} ({dtype}) is not next to the other {dtype} parts")
+            starts.append((dtype, 0 if not starts else part.offset))
+        of_part.append(len(starts) - 1)
+    ends = [start for _, start in starts[1:]] + [block_bytes]
+    return tuple(Region(d, start, end) for (d, start), end in zip(starts, ends)), tuple(of_part)
+
+
+def part_offsets(parts, block_bytes: int) -> tuple[int, ...]:
+    """Where each part starts in its region, in elements of its dtype: where the expert-launch graph finds
+    it in a row of the pool tensor holding that region (`graphs.moe.ExpertLaunch`)."""
+    found, of_part = regions(parts, block_bytes)
+    return tuple((part.offset - found[r].start) // np.dtype(part.dtype).itemsize for part, r in zip(parts, of_part))
+
+
 @dataclass
 class _ReportTotals:
     """Running sums behind a StorageReport."""

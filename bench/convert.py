@@ -90,6 +90,7 @@ def expert_output_error(model_dir: Path, artifact_dir: Path, layer: int = 0) -> 
 
     from artifact.reader import Artifact
     from model.checkpoint import Checkpoint
+    from offload.device import DeviceMemory
     from offload.store_weights import StoreExperts
     from offload.tiers import Tier
     from runtime.backend import configure
@@ -101,7 +102,8 @@ def expert_output_error(model_dir: Path, artifact_dir: Path, layer: int = 0) -> 
     tokens = max(artifact.manifest.launch_sizes())
     tier = max((t for t in artifact.manifest.tiers if t.capacity <= tokens), key=lambda t: t.capacity)
     graph = ExportedGraphs(artifact).expert_group(Tier(tier.capacity, tier.group), tokens)
-    weights = StoreExperts(artifact.experts, verify=False)
+    weights = StoreExperts(artifact.experts, DeviceMemory(), verify=False)
+    pool = weights.device_pool
     rng = np.random.default_rng(0)
     experts = list(range(0, artifact.spec.num_experts, artifact.spec.num_experts // 8))[:8]
     hidden = ms.Tensor.from_numpy(np.zeros((tokens, artifact.spec.hidden_size), np.float32))
@@ -116,8 +118,8 @@ def expert_output_error(model_dir: Path, artifact_dir: Path, layer: int = 0) -> 
     error = norm = 0.0
     for expert in experts:
         x = rng.standard_normal((tokens, artifact.spec.hidden_size)).astype(np.float32)
-        ours = graph(hidden, ms.Tensor.from_numpy(x), *launch,
-                     *weights.launch_weights(layer, [expert] * tier.group)).asnumpy()[: tier.capacity]
+        slots = ms.Tensor.from_numpy(weights.launch_slots(layer, [expert] * tier.group))
+        ours = graph(hidden, ms.Tensor.from_numpy(x), *launch, slots, *pool.tensors).asnumpy()[: tier.capacity]
         gate_up, down = checkpoint.expert_weights(layer, expert)
         both = x[: tier.capacity] @ gate_up.T  # [C, 2I]
         i = down.shape[1]

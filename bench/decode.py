@@ -7,7 +7,9 @@ The checkpoint (`bench.realwidth`, BF16, random weights) is converted once per s
 (fp32, fp16, int8) to an artifact, as `run.py` would convert it. For each dtype Ferry decodes with
 every expert resident and with a pool of `--fraction` of the experts (`--policy`, decayed frequency
 by default, prefetch of `--prefetch-limit` experts per layer, 0 for none, blocks streamed from the artifact's
-experts.bin); transformers eager decodes the same checkpoint with the
+experts.bin), in each memory model of `--memories` (`shared`, the CPU's fast path, where graphs read host
+buffers in place; `apart`, the card's code path, where every device tensor is MindSpore's own copy and
+blocks reach their slots through staging and the slot-write graph); transformers eager decodes the same checkpoint with the
 same thread count and prompt, and llama.cpp (`bench.llamacpp`) decodes a GGUF of it in the format
 paired with each dtype (F32, BF16, Q8_0) when its bindings are installed. Printed per contender: ms per token, MB a decode token reads (dense
 weights as stored: FP32, or FP16 matrices beside narrow experts; its top-k experts per layer in the
@@ -77,8 +79,9 @@ def timed_decode(engine, prompt: list[int], tokens: int, on_prefill=None) -> tup
 
 
 def ferry_worker(artifact: Path, spec, prompt: list[int], tokens: int, threads: int, fraction: float | None,
-                 policy: str, prefetch_limit: int | None) -> dict:
-    """Ferry over the artifact, every expert resident (fraction None) or a pool of that fraction."""
+                 policy: str, prefetch_limit: int | None, memory: str) -> dict:
+    """Ferry over the artifact, every expert resident (fraction None) or a pool of that fraction, in the
+    memory model `memory` (offload.device)."""
     from bench.measure import TimedGraphs
     from offload.residence import Residence
     from runtime.backend import configure
@@ -88,7 +91,7 @@ def ferry_worker(artifact: Path, spec, prompt: list[int], tokens: int, threads: 
     total = spec.num_layers * spec.num_experts
     residence = None if fraction is None else Residence(int(fraction * total), total, policy,
                                                          prefetch=prefetch_limit != 0)
-    engine = engine_from_artifact(artifact, residence, prefetch_limit=prefetch_limit or None)
+    engine = engine_from_artifact(artifact, residence, prefetch_limit=prefetch_limit or None, memory=memory)
     timed = TimedGraphs(engine.graphs)  # per-kind graph time: wrap the engine's and the dispatcher's launches
     engine.graphs = engine.dispatcher.graphs = timed
     timed_decode(engine, prompt, tokens)  # compile every shape once, and warm the slots
@@ -160,6 +163,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.25, help="expert budget as a fraction of all experts")
     parser.add_argument("--policy", default="decay", help="eviction policy of the slot pool")
     parser.add_argument("--prefetch-limit", type=int, help="experts prefetched per layer (default: top-k; 0: no prefetch)")
+    parser.add_argument("--memories", default="shared,apart", help="memory models of Ferry's contenders "
+                        "(offload.device: shared, the CPU fast path; apart, the card's code path), comma separated")
+    parser.add_argument("--memory", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["ferry", "transformers", "llamacpp"], help=argparse.SUPPRESS)
     parser.add_argument("--artifact", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
@@ -169,7 +175,7 @@ def main() -> None:
     prompt = prompt_ids(args.prompt, spec.vocab_size, args.model)
     if args.worker == "ferry":
         print(json.dumps(ferry_worker(args.artifact, spec, prompt, args.tokens, args.threads, args.pool,
-                                      args.policy, args.prefetch_limit)))
+                                      args.policy, args.prefetch_limit, args.memory)))
         return
     if args.worker == "transformers":
         print(json.dumps(transformers_worker(checkpoint, prompt, args.tokens, args.threads)))
@@ -191,29 +197,30 @@ def main() -> None:
     common = ["--layers", str(args.layers), *(["--model", str(args.model)] if args.model else []), "--prompt", str(args.prompt), "--tokens", str(args.tokens),
               "--threads", str(args.threads), "--policy", args.policy,
               *(["--prefetch-limit", str(args.prefetch_limit)] if args.prefetch_limit is not None else [])]
-    contenders = [("transformers", None, None)] + [(dtype, pool, artifacts[dtype]) for dtype in dtypes
-                                                   for pool in (None, args.fraction)]
+    memories = args.memories.split(",")
+    contenders = [("transformers", None, None, None)] + [(dtype, pool, artifacts[dtype], memory) for dtype in dtypes
+                                                         for pool in (None, args.fraction) for memory in memories]
     from bench import llamacpp
 
     llama_missing = llamacpp.missing()
     ggufs = {} if llama_missing else {dtype: llamacpp.gguf(checkpoint, dtype) for dtype in dtypes}
-    contenders += [(f"llama.cpp {dtype}", None, path) for dtype, path in ggufs.items()]
-    runs = {(name, pool): [] for name, pool, _ in contenders}
+    contenders += [(f"llama.cpp {dtype}", None, path, None) for dtype, path in ggufs.items()]
+    runs = {(name, pool, memory): [] for name, pool, _, memory in contenders}
     bandwidths = []
     for _ in range(args.rounds):  # taking turns, so drifting load from elsewhere falls on every contender alike
         bandwidths.append(read_bandwidth())
-        for name, pool, artifact in contenders:
+        for name, pool, artifact, memory in contenders:
             if artifact is None:
-                runs[name, pool].append(run_worker(Path(__file__), "--worker", "transformers", *common))
+                runs[name, pool, memory].append(run_worker(Path(__file__), "--worker", "transformers", *common))
             elif name.startswith("llama.cpp"):
-                runs[name, pool].append(run_worker(Path(__file__), "--worker", "llamacpp", "--gguf", str(artifact),
-                                                   *common))
+                runs[name, pool, memory].append(run_worker(Path(__file__), "--worker", "llamacpp", "--gguf",
+                                                           str(artifact), *common))
             else:
                 extra = ["--pool", str(pool)] if pool is not None else []
-                runs[name, pool].append(run_worker(Path(__file__), "--worker", "ferry", "--artifact", str(artifact),
-                                                   *extra, *common))
+                runs[name, pool, memory].append(run_worker(Path(__file__), "--worker", "ferry", "--artifact",
+                                                           str(artifact), "--memory", memory, *extra, *common))
     bandwidth = max(bandwidths)  # the fastest read seen: the tightest bound
-    hf = median_run(runs["transformers", None])
+    hf = median_run(runs["transformers", None, None])
     read_context = args.prompt + args.tokens // 2
 
     shape = (f"{args.layers} layers at real width" if args.model is None else
@@ -222,64 +229,72 @@ def main() -> None:
     print(f"medians of {args.rounds} rounds, contenders taking turns; measured read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s (best of {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)})")
     print()
-    head = (f"{'':44s}{'ms/token':>9s}{'tok/s':>7s}{'MB read':>9s}{'bound ms':>9s}{'x bound':>8s}{'x hf':>6s}"
+    head = (f"{'':52s}{'ms/token':>9s}{'tok/s':>7s}{'MB read':>9s}{'bound ms':>9s}{'x bound':>8s}{'x hf':>6s}"
             f"{'MB strm':>8s}{'hit%':>6s}{'stall':>6s}")
     print(head)
     hf_bytes = decode_bytes_per_token(spec, read_context)
-    print(f"{'transformers eager (fp32)':44s}{hf['ms_per_token']:9.1f}{1e3 / hf['ms_per_token']:7.2f}"
+    print(f"{'transformers eager (fp32)':52s}{hf['ms_per_token']:9.1f}{1e3 / hf['ms_per_token']:7.2f}"
           f"{hf_bytes / 1e6:9.0f}{hf_bytes / bandwidth * 1e3:9.1f}"
           f"{hf['ms_per_token'] / (hf_bytes / bandwidth * 1e3):8.2f}{1.0:6.2f}")
     for dtype in dtypes:
         read = decode_bytes_per_token(spec, read_context, dtype, block[dtype])
         bound_ms = read / bandwidth * 1e3
-        resident = median_run(runs[dtype, None])
-        for pool in (None, args.fraction):
-            run = median_run(runs[dtype, pool])
+        resident = median_run(runs[dtype, None, memories[0]])
+        for pool, memory in ((pool, memory) for pool in (None, args.fraction) for memory in memories):
+            run = median_run(runs[dtype, pool, memory])
             prefetch = "no prefetch" if args.prefetch_limit == 0 else "prefetch"
-            name = f"ferry {dtype}, " + ("all experts resident" if pool is None else
-                                         f"{pool:.0%} in slots, {args.policy}, {prefetch}")
+            name = f"ferry {dtype} {memory}, " + ("all resident" if pool is None else
+                                                  f"{pool:.0%} in slots, {args.policy}, {prefetch}")
             streamed = "" if pool is None else (f"{run['mb_streamed_per_token']:8.0f}{100 * run['hit_rate']:6.0f}"
                                                 f"{100 * run['stall_fraction']:5.0f}%")
-            print(f"{name:44s}{run['ms_per_token']:9.1f}{1e3 / run['ms_per_token']:7.2f}{read / 1e6:9.0f}"
+            print(f"{name:52s}{run['ms_per_token']:9.1f}{1e3 / run['ms_per_token']:7.2f}{read / 1e6:9.0f}"
                   f"{bound_ms:9.1f}{run['ms_per_token'] / bound_ms:8.2f}{hf['ms_per_token'] / run['ms_per_token']:6.2f}"
                   f"{streamed}")
-            assert all(r["ids"] == resident["ids"] for r in runs[dtype, pool]), \
-                f"{dtype}: runs with and without a slot pool disagree on the greedy tokens"
+            assert all(r["ids"] == resident["ids"] for r in runs[dtype, pool, memory]), \
+                f"{dtype}: runs in another memory model or with a slot pool disagree on the greedy tokens"
         if dtype in ggufs:
-            run = median_run(runs[f"llama.cpp {dtype}", None])
+            run = median_run(runs[f"llama.cpp {dtype}", None, None])
             read = llamacpp.bytes_per_token(ggufs[dtype], spec, read_context)
             bound_ms = read / bandwidth * 1e3
             name = f"llama.cpp {llamacpp.FORMATS[dtype].upper()} (same checkpoint, GGUF)"
-            print(f"{name:44s}{run['ms_per_token']:9.1f}{1e3 / run['ms_per_token']:7.2f}{read / 1e6:9.0f}"
+            print(f"{name:52s}{run['ms_per_token']:9.1f}{1e3 / run['ms_per_token']:7.2f}{read / 1e6:9.0f}"
                   f"{bound_ms:9.1f}{run['ms_per_token'] / bound_ms:8.2f}{hf['ms_per_token'] / run['ms_per_token']:6.2f}")
     print()
     if llama_missing:
         print(llama_missing)
-    fp32 = runs.get(("fp32", None))
+    shared = memories[0]
+    fp32 = runs.get(("fp32", None, shared))
     if fp32:
-        per_round = [h["ms_per_token"] / f["ms_per_token"] for f, h in zip(fp32, runs["transformers", None])]
+        per_round = [h["ms_per_token"] / f["ms_per_token"] for f, h in zip(fp32, runs["transformers", None, None])]
         print(f"ferry fp32 resident / transformers speed per round: {', '.join(f'{r:.2f}x' for r in per_round)} "
               f"(median {statistics.median(per_round):.2f}x)")
     for dtype in ggufs:
         per_round = [llama["ms_per_token"] / f["ms_per_token"]
-                     for f, llama in zip(runs[dtype, None], runs[f"llama.cpp {dtype}", None])]
-        same = sum(a == b for a, b in zip(median_run(runs[f"llama.cpp {dtype}", None])["ids"], hf["ids"]))
-        print(f"ferry {dtype} resident / llama.cpp {llamacpp.FORMATS[dtype].upper()} speed per round: "
+                     for f, llama in zip(runs[dtype, None, shared], runs[f"llama.cpp {dtype}", None, None])]
+        same = sum(a == b for a, b in zip(median_run(runs[f"llama.cpp {dtype}", None, None])["ids"], hf["ids"]))
+        print(f"ferry {dtype} {shared} resident / llama.cpp {llamacpp.FORMATS[dtype].upper()} speed per round: "
               f"{', '.join(f'{r:.2f}x' for r in per_round)} (median {statistics.median(per_round):.2f}x); "
               f"llama.cpp's greedy tokens equal to transformers {same}/{len(hf['ids'])}")
-    for dtype in dtypes:
-        per_round = [r["ms_per_token"] / s["ms_per_token"] for r, s in zip(runs[dtype, None], runs[dtype, args.fraction])]
-        print(f"ferry {dtype} with {args.fraction:.0%} in slots / resident speed per round: "
+    for dtype, memory in ((dtype, memory) for dtype in dtypes for memory in memories):
+        per_round = [r["ms_per_token"] / s["ms_per_token"]
+                     for r, s in zip(runs[dtype, None, memory], runs[dtype, args.fraction, memory])]
+        print(f"ferry {dtype} {memory} with {args.fraction:.0%} in slots / resident speed per round: "
               f"{', '.join(f'{r:.0%}' for r in per_round)} (median {statistics.median(per_round):.0%})")
-    for dtype in dtypes:
-        run = median_run(runs[dtype, None])
+    for dtype, pool, memory in ((d, p, m) for d in dtypes for p in (None, args.fraction) for m in memories[1:]):
+        per_round = [s["ms_per_token"] / a["ms_per_token"]
+                     for s, a in zip(runs[dtype, pool, shared], runs[dtype, pool, memory])]
+        where = "resident" if pool is None else f"{pool:.0%} in slots"
+        print(f"ferry {dtype} {where}, {memory} / {shared} speed per round: "
+              f"{', '.join(f'{r:.2f}x' for r in per_round)} (median {statistics.median(per_round):.2f}x)")
+    for dtype, memory in ((dtype, memory) for dtype in dtypes for memory in memories):
+        run = median_run(runs[dtype, None, memory])
         graph = run["graph_ms_per_token"]
         layers = {"deltanet": spec.layer_types.count("linear_attention"),
                   "attention": spec.layer_types.count("full_attention"), "experts": spec.num_layers}
         parts = ", ".join(f"{kind} {graph.get(kind, 0.0) / count:.2f}" for kind, count in layers.items() if count)
         outside = run["ms_per_token"] - sum(graph.values())
         same = sum(a == b for a, b in zip(run["ids"], hf["ids"]))
-        print(f"ferry {dtype} resident: ms per layer {parts}; head {graph.get('head', 0.0):.2f} ms, host work "
+        print(f"ferry {dtype} {memory} resident: ms per layer {parts}; head {graph.get('head', 0.0):.2f} ms, host work "
               f"between launches {outside:.2f} ms per token; greedy tokens equal to transformers {same}/{len(hf['ids'])}; "
               f"{run['launches_per_token']:.0f} graph launches and {run['crossing_bytes_per_token'] / 1024:.1f} KiB "
               f"between host and device per decode token, beyond streamed blocks (offload.crossings)")

@@ -4,9 +4,9 @@
 
 `graphs.moe.ExpertLaunch` on the CPU runs its whole launch in Ferry's launch kernel
 (`FerryExpertLaunch*`: gather each slot row's token from the MoE input, the experts, the router-weighted
-outputs added to the hidden state). Its contender is the same Cell with `use_kernel` off: MindSpore's
-gather, the expert-group kernel (`FerryExperts*`), a multiply and `tensor_scatter_add`, which is what
-Ferry ran before. Both run at real width (H 2048, I 512) in each storage format, at a prefill launch
+outputs added to the hidden state), reading its experts from a device expert pool by slot. Its contender
+is the same Cell with `use_kernel` off: MindSpore's gathers of the experts and rows, the expert-group
+kernel (`FerryExperts*`), a multiply and `tensor_scatter_add`. Both run at real width (H 2048, I 512) in each storage format, at a prefill launch
 (1024 tokens, 2 slots of capacity 64 carrying 32 rows each: a 1024-token prompt's typical expert load)
 and a decode launch (1 token, 8 slots of 1 row), on device-resident activations, every step's slots
 holding other experts from a pool larger than the caches. The two take turns step by step in one
@@ -24,30 +24,47 @@ H, I, POOL = 2048, 512, 32  # hidden, expert intermediate width, experts each fo
 SHAPES = ((1024, 2, 64, 32), (1, 8, 1, 1))  # tokens, slots G, capacity C, real rows per slot
 
 
-def expert_pool(rng, dtype: str) -> list[list]:
-    """POOL experts' tensors per slot part, in the order a launch takes them (gate_up, down[, scales])."""
-    import mindspore as ms
+class RandomBlocks:
+    """POOL random experts in the store's block layout (`artifact.store`), for a device expert pool."""
 
-    if dtype == "int8":
-        return [[ms.Tensor(rng.integers(-127, 128, shape, dtype=np.int8)) for _ in range(POOL)]
-                for shape in ((2 * I, H), (H, I))] + [
-            [ms.Tensor((rng.uniform(0.5, 1.5, n) / 127 * 0.02).astype(np.float32)) for _ in range(POOL)]
-            for n in (2 * I, H)]
-    kind = np.float16 if dtype == "fp16" else np.float32
-    return [[ms.Tensor((0.02 * rng.standard_normal(shape)).astype(kind)) for _ in range(POOL)]
-            for shape in ((2 * I, H), (H, I))]
+    def __init__(self, rng, dtype: str):
+        import types
+
+        from artifact.store import block_bytes, block_layout
+
+        self.parts = block_layout(types.SimpleNamespace(hidden_size=H, moe_intermediate_size=I), dtype)
+        self.block_bytes = block_bytes(self.parts)
+        self.num_layers, self.num_experts = 1, POOL
+        self.rng = rng
+
+    def read_into(self, layer: int, expert: int, out: np.ndarray) -> None:
+        for part in self.parts:
+            if part.dtype == "int8":
+                values = self.rng.integers(-127, 128, part.shape, dtype=np.int8)
+            elif part.name.endswith("scale"):
+                values = (self.rng.uniform(0.5, 1.5, part.shape) / 127 * 0.02).astype(np.float32)
+            else:
+                values = (0.02 * self.rng.standard_normal(part.shape)).astype(part.dtype)
+            out[part.offset: part.offset + part.nbytes] = values.view(np.uint8).ravel()
 
 
 def compare(dtype: str, tokens: int, group: int, capacity: int, real: int, steps: int, rng) -> dict:
     import mindspore as ms
     from graphs.moe import GROUPS, ExpertLaunch
+    from offload.device import DeviceMemory
 
     cls = GROUPS[dtype]
-    fused, operators = ExpertLaunch(cls(group, I)), ExpertLaunch(cls(group, I))
+    from artifact.store import part_offsets
+
+    source = RandomBlocks(rng, dtype)
+    offsets = part_offsets(source.parts, source.block_bytes)
+    fused, operators = ExpertLaunch(cls(group, I), H, offsets), ExpertLaunch(cls(group, I), H, offsets)
     if not fused.use_kernel:
         raise SystemExit("Ferry's CPU kernels are unavailable here (FERRY_CPU_KERNELS=0, or no compiler)")
-    operators.use_kernel = False
-    pool = expert_pool(rng, dtype)
+    operators.use_kernel = False  # MindSpore's gathers and scatter-add around the group kernel
+    pool = DeviceMemory().expert_pool(source, POOL)
+    for slot in range(POOL):
+        pool.fill(slot, 0, slot)
     rows = np.stack([rng.permutation(tokens)[:capacity] if tokens >= capacity else np.zeros(capacity, np.int64)
                      for _ in range(group)]).astype(np.int32)  # [G, C]
     scale = np.full((group, capacity), 0.1, np.float32)
@@ -55,16 +72,16 @@ def compare(dtype: str, tokens: int, group: int, capacity: int, real: int, steps
     counts = np.full(group, real, np.int32)
     zeros = ms.Tensor(np.zeros((tokens, H), np.float32))
     inputs = [ms.Tensor(a) for a in (rows, scale, counts)]
+    first = ms.Tensor(np.arange(group, dtype=np.int32))
     # activations as the engine has them: the output of a graph, on the device
-    hidden = fused(zeros, zeros, *inputs, *[part[0] for part in pool for _ in range(group)])
+    hidden = fused(zeros, zeros, *inputs, first, *pool.tensors)
     seconds = {"kernel": [], "operators": []}
     for step in range(steps + 4):
-        experts = [(step * group + g) % POOL for g in range(group)]
-        weights = [part[e] for part in pool for e in experts]
+        slots = ms.Tensor(np.array([(step * group + g) % POOL for g in range(group)], np.int32))
         order = (("kernel", fused), ("operators", operators))
         for name, cell in order if step % 2 else order[::-1]:
             start = time.perf_counter()
-            cell(hidden, hidden, *inputs, *weights).asnumpy()
+            cell(hidden, hidden, *inputs, slots, *pool.tensors).asnumpy()
             if step >= 4:  # the first steps compile and warm up
                 seconds[name].append(time.perf_counter() - start)
     kernel, ops_ = np.array(seconds["kernel"]), np.array(seconds["operators"])

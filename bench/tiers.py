@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -33,43 +32,32 @@ TRACES = Path.home() / ".cache" / "ferry" / "traces"
 CONF_DEFAULT = calibrate.CONF_TIERS / "default.yaml"
 
 
-class LazyExperts:
-    """Experts read from the checkpoint when a launch needs them, kept in an LRU of FP32 tensors
-    bounded in bytes: the `ExpertWeights` a model whose experts do not fit in RAM can record with."""
+class CheckpointBlocks:
+    """The checkpoint's experts as FP32 blocks in the store's layout (`artifact.store`), each read from the
+    checkpoint when a slot needs it: the `BlockSource` a model whose experts do not fit in RAM records with."""
 
-    def __init__(self, checkpoint, budget_bytes: int):
-        import mindspore as ms
+    def __init__(self, checkpoint):
+        from artifact.store import block_bytes, block_layout
 
-        self.ms = ms
         self.checkpoint = checkpoint
-        spec = checkpoint.spec
-        self.capacity = max(1, budget_bytes // (spec.expert_params * 4))
-        self.cache: OrderedDict[tuple[int, int], tuple] = OrderedDict()
-        self.reads = 0
+        self.parts = block_layout(checkpoint.spec, "fp32")
+        self.block_bytes = block_bytes(self.parts)
+        self.num_layers, self.num_experts = checkpoint.spec.num_layers, checkpoint.spec.num_experts
 
-    def _get(self, layer: int, expert: int) -> tuple:
-        key = (layer, expert)
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return self.cache[key]
-        gate_up, down = self.checkpoint.expert_weights(layer, expert)
-        pair = (self.ms.Tensor.from_numpy(gate_up), self.ms.Tensor.from_numpy(down))
-        self.reads += 1
-        self.cache[key] = pair
-        if len(self.cache) > self.capacity:
-            self.cache.popitem(last=False)
-        return pair
-
-    def launch_weights(self, layer: int, experts) -> tuple:
-        pairs = [self._get(layer, int(e)) for e in experts]
-        return tuple(p[0] for p in pairs) + tuple(p[1] for p in pairs)
+    def read_into(self, layer: int, expert: int, out: np.ndarray) -> None:
+        for part, array in zip(self.parts, self.checkpoint.expert_weights(layer, expert)):  # gate_up, down
+            out[part.offset: part.offset + part.nbytes] = np.ascontiguousarray(array, np.float32).view(np.uint8).ravel()
 
 
 def build_engine(model_dir: Path, buckets: tuple[int, ...], max_context: int, resident_gb: float, cache_gb: float):
-    """Every expert resident when they fit in `resident_gb` (FP32), else read on demand."""
+    """Every expert resident when they fit in `resident_gb` (FP32), else streamed from the checkpoint into
+    an LRU pool of `cache_gb`."""
     from model.checkpoint import Checkpoint
     from model.spec import load_spec
+    from offload.device import DeviceMemory
     from offload.dispatch import ExpertDispatcher
+    from offload.offloaded import OffloadedExperts
+    from offload.policies import make_policy
     from runtime.backend import configure
     from runtime.build import default_tiers, engine_from_checkpoint
     from runtime.engine import Buckets, Engine
@@ -81,9 +69,13 @@ def build_engine(model_dir: Path, buckets: tuple[int, ...], max_context: int, re
         return engine_from_checkpoint(model_dir, buckets=Buckets(buckets), max_context=max_context)
     configure()
     checkpoint = Checkpoint(model_dir)
-    graphs = CellGraphs(spec, max_context)
-    experts = LazyExperts(checkpoint, int(cache_gb * 1e9))
-    dispatcher = ExpertDispatcher(spec, default_tiers(spec), experts, graphs)
+    graphs = CellGraphs(spec)
+    tiers = default_tiers(spec)
+    blocks = CheckpointBlocks(checkpoint)
+    slots = max(max(t.group for t in tiers), int(cache_gb * 1e9) // blocks.block_bytes)
+    device = DeviceMemory()
+    experts = OffloadedExperts(blocks, slots, make_policy("lru"), device=device)
+    dispatcher = ExpertDispatcher(spec, tiers, experts, graphs, device)
     return Engine(checkpoint, dispatcher, graphs, Buckets(buckets), max_context)
 
 

@@ -102,10 +102,12 @@ def profile_worker(artifact: Path, threads: int) -> dict:
     groups = [[(i * tier.group + g) % spec.num_experts for g in range(tier.group)] for i in range(WORKING_SET)]
     picks = iter(range(10**6))
 
+    pool = dispatcher.weights.device_pool
+
     def expert_call():  # other experts each call, from a set far beyond the CPU's caches, mapped in already
         i = next(picks) % (WORKING_SET * spec.num_layers)
-        weights = dispatcher.weights.launch_weights(i % spec.num_layers, groups[i // spec.num_layers])
-        group(hidden, hidden, rows, scale, counts, *weights).asnumpy()
+        slots = ms.Tensor.from_numpy(dispatcher.weights.launch_slots(i % spec.num_layers, groups[i // spec.num_layers]))
+        group(hidden, hidden, rows, scale, counts, slots, *pool.tensors).asnumpy()
 
     for _ in range(WORKING_SET * spec.num_layers):  # a decode run's experts are mapped and cached after warm-up
         expert_call()
@@ -138,16 +140,15 @@ def profile_worker(artifact: Path, threads: int) -> dict:
     plan_streamed_s = _per_call_s(lambda: streamed.run(0, hidden, hidden, weights, routing[next(plans) % 64]), 60)
     streamed.close()
     from artifact.reader import Artifact
-    from offload.offloaded import slot_buffers
+    from offload.device import DeviceMemory
 
     source = Artifact.open(artifact, verify="none").experts
-    slots, _ = slot_buffers(source, WORKING_SET * spec.num_layers)
-    slots[:] = 0  # every slot page mapped, as a run's warm-up leaves them
+    copy_pool = DeviceMemory().expert_pool(source, WORKING_SET * spec.num_layers)  # its pages mapped, as a run's
     copies = iter(range(10**6))
 
     def copy_one():  # other blocks each call, from a set the page cache holds (a run's warm-up reads them),
         i = next(copies) % (WORKING_SET * spec.num_layers)  # each into its own slot, as a pool spreads them
-        source.read_into(i % spec.num_layers, i // spec.num_layers * 7 % spec.num_experts, slots[i])
+        copy_pool.fill(i, i % spec.num_layers, i // spec.num_layers * 7 % spec.num_experts)
 
     for _ in range(WORKING_SET * spec.num_layers):
         copy_one()

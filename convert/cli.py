@@ -182,7 +182,8 @@ def inspect(args) -> int:
     for g in m.graphs:
         sigs = lambda sigs: " ".join(f"{_SHORT[s.dtype]}{list(s.shape)}" for s in sigs)
         ins = sigs(g.inputs) if len(g.inputs) <= 8 else sigs(g.inputs[:6]) + f" ... ({len(g.inputs)} inputs)"
-        print(f"  {g.file.path:36} {_size(g.file.size):>10}  in: {ins}")
+        where, size = (g.file.path, _size(g.file.size)) if g.file else (f"({g.name}: built at load)", "")
+        print(f"  {where:36} {size:>10}  in: {ins}")
         print(f"  {'':36} {'':>10}  out: {sigs(g.outputs)}")
     d = m.dense
     by_dtype = {dtype: sum(t.dtype == dtype for t in d.tensors) for dtype in sorted({t.dtype for t in d.tensors})}
@@ -208,8 +209,7 @@ def verify(args) -> int:
     artifact = _open(args.artifact, "none")
     m = artifact.manifest
     failures = []
-    records = [g.file for g in m.graphs] + [m.dense.file, *m.tokenizer]
-    for record in records:
+    for record in m.checksummed_files():
         try:
             artifact.verify_file(record)
         except ChecksumError as err:
@@ -228,7 +228,7 @@ def verify(args) -> int:
             except ChecksumError as err:
                 failures.append(str(err))
             bar.update(1)
-    files = len(records)
+    files = len(m.checksummed_files())
     if failures:
         print("\n".join(failures))
         print(f"FAILED: {len(failures)} of {files} files and {len(m.experts.blocks)} expert blocks")

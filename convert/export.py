@@ -19,9 +19,9 @@ import numpy as np
 
 from model import names
 from artifact.dense import dense_dtype
-from artifact.manifest import FileRecord, GraphRecord, TensorSig, TierRecord, kv_cache_rows
+from artifact.manifest import ANY, FileRecord, GraphRecord, TensorSig, TierRecord, kv_cache_rows
 from model.spec import ModelSpec
-from artifact.store import block_layout
+from artifact.store import block_bytes, block_layout, part_offsets, regions
 
 GRAPH_DIR = "graphs"
 
@@ -94,11 +94,12 @@ def graph_plans(spec: ModelSpec, buckets: tuple[int, ...], tiers: tuple[TierReco
             inputs = (_f32(t, h), conv, rec, _i32()) + weights
             plans.append(GraphPlan(f"deltanet_t{t}", "deltanet", t, None, inputs, _moe_outputs(spec, t) + (conv, rec)))
     parts = block_layout(spec, expert_dtype)
+    pool_regions, _ = regions(parts, block_bytes(parts))
+    pool = tuple(TensorSig((ANY, ANY), region.dtype.name) for region in pool_regions)  # [S, R] each, the run's
     for tier in tiers:
         g, c = tier.group, tier.capacity
-        slot_inputs = tuple(TensorSig(part.shape, part.dtype) for part in parts for _ in range(g))
-        for t in sizes:  # hidden, x, rows, scale, counts, slots -> hidden
-            inputs = (_f32(t, h), _f32(t, h), _i32(g, c), _f32(g, c), _i32(g)) + slot_inputs
+        for t in sizes:  # hidden, x, rows, scale, counts, slots, pool -> hidden
+            inputs = (_f32(t, h), _f32(t, h), _i32(g, c), _f32(g, c), _i32(g), _i32(g)) + pool
             plans.append(GraphPlan(f"experts_{expert_dtype}_g{g}_c{c}_t{t}", "expert_group", t, tier, inputs,
                                    (_f32(t, h),)))
     return plans
@@ -121,13 +122,17 @@ def build_cell(plan: GraphPlan, spec: ModelSpec, expert_dtype: str, target: str 
         return AttentionLayer(spec, plan.tokens, cpu_kernels=target == "cpu")
     if plan.kind == "deltanet":
         return DeltaNetLayer(spec, plan.tokens, cpu_kernels=target == "cpu")
-    return ExpertLaunch(GROUPS[expert_dtype](plan.tier.group, spec.moe_intermediate_size, cpu_kernels=target == "cpu"))
+    parts = block_layout(spec, expert_dtype)
+    return ExpertLaunch(GROUPS[expert_dtype](plan.tier.group, spec.moe_intermediate_size, cpu_kernels=target == "cpu"),
+                        spec.hidden_size, part_offsets(parts, block_bytes(parts)))
 
 
 def zero_inputs(signature: tuple[TensorSig, ...]) -> list:
+    """Inputs to export a graph with: zeros of each shape, or a shape-only tensor where a dimension is ANY."""
     import mindspore as ms
 
-    return [ms.Tensor.from_numpy(np.zeros(sig.shape, sig.dtype)) for sig in signature]
+    return [ms.Tensor(shape=[None if d == ANY else d for d in sig.shape], dtype=getattr(ms, sig.dtype))
+            if ANY in sig.shape else ms.Tensor.from_numpy(np.zeros(sig.shape, sig.dtype)) for sig in signature]
 
 
 # MindIR bytes of graphs already exported by this process, by everything a graph depends on, so
@@ -136,10 +141,13 @@ _EXPORTED: dict[tuple, bytes] = {}
 
 
 def export_graph(plan: GraphPlan, spec: ModelSpec, expert_dtype: str, root: Path, target: str = "cpu") -> GraphRecord:
-    """Export one graph as `root / plan.path` and return its manifest record."""
+    """Export one graph as `root / plan.path` and return its manifest record; an expert group that calls
+    Ferry's CPU kernels is recorded without a file (see `artifact.manifest.GraphRecord.file`)."""
     import mindspore as ms
     from runtime.graph_set import graph_spec  # the spec with fields no layer graph depends on blanked
 
+    if plan.kind == "expert_group" and build_cell(plan, spec, expert_dtype, target).use_kernel:
+        return GraphRecord(plan.name, plan.kind, plan.tokens, plan.tier, None, plan.inputs, plan.outputs)
     path = root / plan.path
     path.parent.mkdir(parents=True, exist_ok=True)
     key = (plan, graph_spec(spec), expert_dtype if plan.kind == "expert_group" else None, target)  # plan: signatures

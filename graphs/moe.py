@@ -1,17 +1,21 @@
 """The MoE halves that run as graphs: the router with the shared expert, and one expert group.
 
 Legend: T tokens, H hidden, E experts, K experts per token, I expert intermediate width,
-G expert slots in one launch, C token capacity of each slot.
+G expert slots in one launch, C token capacity of each slot, S slots of the expert pool, R a pool row.
 
 The routed experts run in an expert-group launch whose weights are *inputs*, one pair per slot,
 so any slot can hold any expert and the offload controller decides where weights live. Which
 tokens go to which slot is decided on the host from the router's output. `ExpertGroupFP16` and
 `ExpertGroupInt8` take the same slots in the expert store's narrower formats and compute in FP32.
 `ExpertLaunch` wraps a group so that the tokens' rows never leave the device: it gathers them from
-the layer's MoE input and adds the weighted outputs to the layer's hidden state, in one launch (on
-the CPU, one kernel call).
+the layer's MoE input, reads its experts from the device's expert pool by slot index, and adds the
+weighted outputs to the layer's hidden state, in one launch (on the CPU, one kernel call).
 """
-from mindspore import nn, ops
+import math
+
+import numpy as np
+from mindspore import Tensor, nn, ops
+from mindspore.common import dtype as mstype
 
 from graphs.common import Linear, SwiGLU, cpu_kernel, wide_dtype
 
@@ -61,6 +65,7 @@ class ExpertGroup(nn.Cell):
 
     KERNEL = "FerryExperts"  # the CPU kernel for this storage format
     LAUNCH_KERNEL = "FerryExpertLaunch"  # the same inside a whole ExpertLaunch
+    POOL_PARTS = (0, 0)  # the expert pool's tensor holding each part of a block (gate_up, down)
 
     def __init__(self, slots: int, intermediate: int, cpu_kernels: bool = True):
         super().__init__()
@@ -113,6 +118,7 @@ class ExpertGroupInt8(ExpertGroup):
 
     KERNEL = "FerryExpertsI8"
     LAUNCH_KERNEL = "FerryExpertLaunchI8"
+    POOL_PARTS = (0, 0, 1, 1)  # int8 weights in the pool's first tensor, float32 scales in its second
 
     def expert(self, x, g, weights):
         n = self.slots
@@ -123,33 +129,78 @@ class ExpertGroupInt8(ExpertGroup):
 
 
 class ExpertLaunch(nn.Cell):
-    """One expert-group launch over device-resident activations: T tokens, a group of G slots of C rows.
+    """One expert-group launch over device-resident activations: T tokens, a group of G slots of C rows,
+    its experts read from the expert pool by slot index.
 
     Inputs: `hidden` [T, H] (the layer's output so far), `x` [T, H] (its MoE input), `rows` [G, C]
     int32 (the token of each slot row; padding rows name any token), `scale` [G, C] (the router's
-    weight of each row; 0 on padding), `counts` [G] int32, then the group's slot weights. Returns
-    hidden + sum over rows of scale * expert(x[row]) added at each row's token, [T, H]: only `rows`,
-    `scale` and `counts` come from the host. Where the group has a CPU kernel the whole launch is one
-    call of its launch kernel (`LAUNCH_KERNEL`): MindSpore's gather, multiply and scatter-add around
-    the group added 12-26% to a prefill launch (2 slots of 64 rows over 1024 tokens), 0-8% to a decode
-    launch (`python -m bench.expert_launch`).
+    weight of each row; 0 on padding), `counts` [G] int32, `slots` [G] int32 (the pool slot of each of
+    the G experts), then the pool: one tensor [S, R] per storage dtype of the block, row s holding that
+    dtype's region of the block in slot s from its start (`POOL_PARTS` says which part lies in which;
+    `offload.device.ExpertPool` builds it). S and R are the pool's, not the graph's: one graph serves a
+    pool of any size. `offsets` (at construction: `artifact.store.part_offsets`) say where each part
+    starts in its row. Returns hidden + sum over rows of scale * expert(x[row]) added at each row's
+    token, [T, H]: only `rows`, `scale`, `counts` and `slots` come from the host. Where the group has a
+    CPU kernel the whole launch is one call of its launch kernel (`LAUNCH_KERNEL`), which reads each
+    expert where it lies in the pool: MindSpore's gather, multiply and scatter-add around the group
+    added 12-26% to a prefill launch (2 slots of 64 rows over 1024 tokens), 0-8% to a decode launch
+    (`python -m bench.expert_launch`). The operators' path (graphs for a card) gathers the G experts'
+    rows of the pool first and slices their parts out.
     """
 
-    def __init__(self, group: ExpertGroup):
+    def __init__(self, group: ExpertGroup, hidden: int, offsets: tuple[int, ...]):
         super().__init__()
         self.group = group
+        i = group.intermediate
+        self.shapes = ((2 * i, hidden), (hidden, i), (2 * i,), (hidden,))[: len(group.POOL_PARTS)]
+        if len(offsets) != len(self.shapes):
+            raise ValueError(f"{type(group).__name__} blocks have {len(self.shapes)} parts, got {len(offsets)} offsets")
+        self.pool_parts, self.offsets = group.POOL_PARTS, tuple(offsets)
+        self.sizes = tuple(math.prod(shape) for shape in self.shapes)
+        self.layout = Tensor(np.array((i,) + self.offsets, np.int32))  # [1 + P], the kernel's: I, then offsets
         self.kernel = (cpu_kernel(group.LAUNCH_KERNEL, lambda hidden, *shapes: hidden, lambda hidden, *dtypes: hidden)
                        if group.use_kernel else None)
         self.use_kernel = self.kernel is not None
 
-    def construct(self, hidden, x, rows, scale, counts, *weights):
+    def construct(self, hidden, x, rows, scale, counts, slots, *pool):
         if self.use_kernel:
-            return self.kernel(hidden, x, rows, scale, counts, *weights)  # [T, H]
-        slots, capacity = rows.shape
+            return self.kernel(hidden, x, rows, scale, counts, slots, self.layout, *pool)  # [T, H]
+        group, capacity = rows.shape
+        tables = tuple(ops.gather(tensor, slots, 0) for tensor in pool)  # [G, R] each: the experts' rows
+        weights = ()
+        for p in range(len(self.shapes)):
+            start = self.offsets[p]
+            part = tables[self.pool_parts[p]][:, start:start + self.sizes[p]].reshape((group,) + self.shapes[p])
+            weights += tuple(part[g] for g in range(group))  # G slot arrays of this part
         flat = rows.reshape(-1)  # [G*C]
-        gathered = ops.gather(x, flat, 0).reshape(slots, capacity, -1)  # [G, C, H]
-        y = self.group(gathered, counts, *weights) * scale.reshape(slots, capacity, 1)  # [G, C, H]
-        return ops.tensor_scatter_add(hidden, flat.reshape(-1, 1), y.reshape(slots * capacity, -1))  # [T, H]
+        gathered = ops.gather(x, flat, 0).reshape(group, capacity, -1)  # [G, C, H]
+        y = self.group(gathered, counts, *weights) * scale.reshape(group, capacity, 1)  # [G, C, H]
+        return ops.tensor_scatter_add(hidden, flat.reshape(-1, 1), y.reshape(group * capacity, -1))  # [T, H]
+
+
+class SlotWrite(nn.Cell):
+    """Expert blocks written into their slots of the expert pool, in place: the only way a block enters
+    device memory when the memory model keeps the host apart (`offload.device`).
+
+    Inputs: `slots` [B] int32, the pool's K tensors [S, R_k] (updated in place), then the B blocks split
+    the same way, K tensors [B, R_k]; returns `slots` (the pool is not an output: returning it would copy
+    it). On the CPU one call of Ferry's kernel (`FerrySlotWrite`, a threaded copy); for a card
+    MindSpore's ScatterUpdate per tensor.
+    """
+
+    def __init__(self, cpu_kernels: bool = True):
+        super().__init__()
+        self.kernel = cpu_kernel("FerrySlotWrite", lambda slots, *shapes: slots,
+                                 lambda slots, *dtypes: slots) if cpu_kernels else None
+        self.use_kernel = self.kernel is not None
+
+    def construct(self, slots, *pool_and_blocks):
+        if self.use_kernel:
+            return self.kernel(slots, *pool_and_blocks)  # [B]
+        k = len(pool_and_blocks) // 2
+        for i in range(k):
+            ops.scatter_update(pool_and_blocks[i], slots, pool_and_blocks[k + i])
+        return slots
 
 
 GROUPS = {"fp32": ExpertGroup, "fp16": ExpertGroupFP16, "int8": ExpertGroupInt8}  # by expert storage dtype

@@ -14,13 +14,16 @@
 //                    [H] float32: each weight row's dot products are multiplied by that row's scale.
 //   FerryExpertLaunch, FerryExpertLaunchF16, FerryExpertLaunchI8  a whole expert-group launch over a
 //                    layer's activations (graphs.moe.ExpertLaunch): gather each slot row's token, the
-//                    group above, and the router-weighted outputs added to the hidden state (see
-//                    expert_launch below). MindSpore's gather, multiply and scatter-add around the
-//                    group added 12-26% to a launch of 2 x 64 rows over 1024 tokens.
+//                    group above over the experts the launch names in the expert pool (pool_slots
+//                    below), and the router-weighted outputs added to the hidden state (expert_launch).
+//                    MindSpore's gather, multiply and scatter-add around the group added 12-26% to a
+//                    launch of 2 x 64 rows over 1024 tokens.
 //   FerryDeltaNetDecode, FerryAttentionDecode  one decode token through a whole DeltaNet or attention
 //                    layer up to the routed experts (graphs.layer's layers at T = 1): see
 //                    deltanet_decode and attention_decode below.
 //   FerryLastHead    the final norm, vocabulary projection and greedy choice of one row (last_head).
+//   FerrySlotWrite   expert blocks copied into their slots of the expert pool in place (graphs.moe.SlotWrite):
+//                    MindSpore's ScatterUpdate copied a 6 MB FP16 block at 1.3 GB/s here, element by element.
 //   The layer and head kernels take their weight matrices in FP32 or FP16 (an artifact with narrow
 //   experts stores its dense matrices in FP16), each matrix as its input's dtype says.
 //
@@ -221,20 +224,32 @@ inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 constexpr int64_t kBlock = 4;  // weight rows per register block
 constexpr int64_t kChunk = 8;  // register blocks per work item handed to a thread
 
-// G slots' weights as a launch passes them: G gate_up [2I, H], G down [H, I], and for int8 weights G
-// gate_up_scale [2I] and G down_scale [H] (each weight row's dot products are multiplied by its scale).
+// G slots' weights: each slot's gate_up [2I, H], down [H, I], and for int8 weights its gate_up_scale [2I]
+// and down_scale [H] (each weight row's dot products are multiplied by its scale). Found either as separate
+// inputs per slot (FerryExperts*: G gate_up, G down, G gate_up_scale, G down_scale), or in the expert pool
+// (FerryExpertLaunch*: see pool_slots).
 template <typename W>
 struct Slots {
   static constexpr bool scaled = std::is_same_v<W, int8_t>;
-  static constexpr int64_t parts = scaled ? 4 : 2;  // inputs per slot
-  const W *const *gate_up, *const *down;
-  const float *const *gate_up_scale, *const *down_scale;
+  static constexpr int64_t parts = scaled ? 4 : 2;  // arrays per slot
+  std::vector<const W *> gate_up, down;
+  std::vector<const float *> gate_up_scale, down_scale;
 
-  Slots(void **params, int64_t G)
-      : gate_up(reinterpret_cast<const W *const *>(params)),
-        down(reinterpret_cast<const W *const *>(params + G)),
-        gate_up_scale(scaled ? reinterpret_cast<const float *const *>(params + 2 * G) : nullptr),
-        down_scale(scaled ? reinterpret_cast<const float *const *>(params + 3 * G) : nullptr) {}
+  explicit Slots(int64_t G) : gate_up(G), down(G), gate_up_scale(scaled ? G : 0), down_scale(scaled ? G : 0) {}
+
+  // From separate inputs per slot, part by part.
+  static Slots inputs(void **params, int64_t G) {
+    Slots slots(G);
+    for (int64_t g = 0; g < G; ++g) {
+      slots.gate_up[g] = static_cast<const W *>(params[g]);
+      slots.down[g] = static_cast<const W *>(params[G + g]);
+      if constexpr (scaled) {
+        slots.gate_up_scale[g] = static_cast<const float *>(params[2 * G + g]);
+        slots.down_scale[g] = static_cast<const float *>(params[3 * G + g]);
+      }
+    }
+    return slots;
+  }
 };
 
 // out[g, m] = slot g's SwiGLU expert of x[g, m] for m < rows[g] (x, out [G, C, H]); rows past rows[g]
@@ -294,27 +309,66 @@ int expert_group(int nparam, void **params, int64_t **shapes) {
   if (nparam != 3 + Slots<W>::parts * G || shapes[2][1] != H) return 1;
   const auto rows = real_rows(static_cast<const int32_t *>(params[1]), G, C);
   auto *out = static_cast<float *>(params[2 + Slots<W>::parts * G]);
-  run_experts(static_cast<const float *>(params[0]), rows, C, H, shapes[2][0] / 2, Slots<W>(params + 2, G), out);
+  run_experts(static_cast<const float *>(params[0]), rows, C, H, shapes[2][0] / 2, Slots<W>::inputs(params + 2, G), out);
   for (int64_t g = 0; g < G; ++g) std::memset(out + (g * C + rows[g]) * H, 0, sizeof(float) * (C - rows[g]) * H);
   return 0;
 }
 
+// The expert pool (offload.device.ExpertPool): S slots of expert blocks, held in one tensor per storage
+// dtype of the block, pool k [S, R_k] (FP32, FP16: one tensor; INT8: the int8 weights, then the float32
+// scales), row s holding that dtype's region of the block in slot s from its start. Part p of the block
+// in slot s starts at element offsets[p] of row s of its tensor. Fills `slots` with the G slots `ids`
+// names; false if an id or a part lies outside its pool.
+template <typename W>
+bool pool_slots(const int32_t *ids, const int32_t *offsets, void **pools, int64_t **pool_shapes, int64_t I,
+                int64_t H, Slots<W> &slots) {
+  const int64_t G = static_cast<int64_t>(slots.gate_up.size());
+  const int64_t sizes[4] = {2 * I * H, H * I, 2 * I, H};  // elements of each part
+  for (int p = 0; p < Slots<W>::parts; ++p) {
+    const int k = p < 2 ? 0 : 1;  // the pool tensor holding part p
+    if (offsets[p] < 0 || offsets[p] + sizes[p] > pool_shapes[k][1]) return false;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    if (ids[g] < 0 || ids[g] >= pool_shapes[0][0]) return false;
+    const W *row = static_cast<const W *>(pools[0]) + ids[g] * pool_shapes[0][1];
+    slots.gate_up[g] = row + offsets[0];
+    slots.down[g] = row + offsets[1];
+    if constexpr (Slots<W>::scaled) {
+      if (ids[g] >= pool_shapes[1][0]) return false;
+      const float *scales = static_cast<const float *>(pools[1]) + ids[g] * pool_shapes[1][1];
+      slots.gate_up_scale[g] = scales + offsets[2];
+      slots.down_scale[g] = scales + offsets[3];
+    }
+  }
+  return true;
+}
+
 // FerryExpertLaunch*, graphs.moe.ExpertLaunch in one call: inputs hidden [T, H], x [T, H] (the layer's
 // MoE input), rows [G, C] int32 (the token of each slot row), scale [G, C] (each row's router weight),
-// counts [G] int32, the slots' weights; output hidden plus each real row's scale * expert output added
-// at its token [T, H]. The rows are added in slot and row order, so a token's sum has a fixed order;
-// padding rows are not computed. A token index outside [0, T) fails the launch.
+// counts [G] int32, slots [G] int32 (the pool slot of each of the G experts), layout [1 + P] int32 (the
+// expert width I, then where each block part starts in its pool row: see pool_slots), then the pool's
+// tensors; output hidden plus each real row's scale * expert output added at its
+// token [T, H]. The rows are added in slot and row order, so a token's sum has a fixed order; padding
+// rows are not computed. A token or slot outside its range fails the launch.
 template <typename W>
 int expert_launch(int nparam, void **params, int64_t **shapes) {
+  constexpr int pools = Slots<W>::scaled ? 2 : 1;
+  if (nparam != 8 + pools) return 1;
   const int64_t T = shapes[0][0], H = shapes[0][1], G = shapes[2][0], C = shapes[2][1];
-  if (nparam != 6 + Slots<W>::parts * G || shapes[1][0] != T || shapes[1][1] != H || shapes[3][0] != G ||
-      shapes[3][1] != C || shapes[4][0] != G || shapes[5][1] != H)
+  if (shapes[1][0] != T || shapes[1][1] != H || shapes[3][0] != G || shapes[3][1] != C || shapes[4][0] != G ||
+      shapes[5][0] != G || shapes[6][0] != 1 + Slots<W>::parts)
     return 1;
   const auto *hidden = static_cast<const float *>(params[0]), *x = static_cast<const float *>(params[1]);
   const auto *tokens = static_cast<const int32_t *>(params[2]);
   const auto *scale = static_cast<const float *>(params[3]);
   const auto rows = real_rows(static_cast<const int32_t *>(params[4]), G, C);
-  auto *out = static_cast<float *>(params[5 + Slots<W>::parts * G]);
+  const auto *layout = static_cast<const int32_t *>(params[6]);
+  const int64_t intermediate = layout[0];
+  auto *out = static_cast<float *>(params[nparam - 1]);
+  Slots<W> slots(G);
+  if (intermediate <= 0 ||
+      !pool_slots(static_cast<const int32_t *>(params[5]), layout + 1, params + 7, shapes + 7, intermediate, H, slots))
+    return 1;
   for (int64_t g = 0; g < G; ++g)
     for (int64_t m = 0; m < rows[g]; ++m)
       if (tokens[g * C + m] < 0 || tokens[g * C + m] >= T) return 1;
@@ -325,7 +379,7 @@ int expert_launch(int nparam, void **params, int64_t **shapes) {
   for (int64_t g = 0; g < G; ++g)
     for (int64_t m = 0; m < rows[g]; ++m)
       std::memcpy(gathered + (g * C + m) * H, x + tokens[g * C + m] * H, sizeof(float) * H);
-  run_experts(gathered, rows, C, H, shapes[5][0] / 2, Slots<W>(params + 5, G), expert_out);
+  run_experts(gathered, rows, C, H, intermediate, slots, expert_out);
   constexpr int64_t kCopyRows = 64, kColumns = 256;
   WorkerPool::get().run((T + kCopyRows - 1) / kCopyRows, 1, [&](int64_t begin, int64_t end) {
     const int64_t first = begin * kCopyRows, stop = std::min(end * kCopyRows, T);
@@ -659,4 +713,47 @@ extern "C" int FerryAttentionDecode(int nparam, void **params, int *, int64_t **
 
 extern "C" int FerryLastHead(int nparam, void **params, int *, int64_t **shapes, const char **dtypes, void *, void *) {
   return last_head(nparam, params, shapes, dtypes);
+}
+
+// FerrySlotWrite (graphs.moe.SlotWrite): expert blocks copied into their slots of the expert pool, in place.
+// Inputs: slots [B] int32, the pool's K tensors [S, R_k], then the blocks' K tensors [B, R_k] (each block
+// split by storage dtype as the pool is); output slots again [B]. Row b of each block tensor is copied
+// over row slots[b] of its pool tensor, the rows split over the threads. An out-of-range slot or a
+// mismatched shape fails the launch before anything is written.
+extern "C" int FerrySlotWrite(int nparam, void **params, int *, int64_t **shapes, const char **dtypes, void *,
+                              void *) {
+  const int K = (nparam - 2) / 2;
+  if (K < 1 || nparam != 2 + 2 * K) return 1;
+  const int64_t B = shapes[0][0];
+  const auto *slots = static_cast<const int32_t *>(params[0]);
+  std::vector<int64_t> row_bytes(K);
+  for (int k = 0; k < K; ++k) {
+    const int pool = 1 + k, block = 1 + K + k;
+    if (std::strcmp(dtypes[pool], dtypes[block]) != 0 || shapes[block][0] != B || shapes[block][1] != shapes[pool][1])
+      return 1;
+    const char *dtype = dtypes[pool];
+    const int64_t size = std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "int32") == 0 ? 4
+                         : std::strcmp(dtype, "float16") == 0                                    ? 2
+                         : std::strcmp(dtype, "int8") == 0 || std::strcmp(dtype, "uint8") == 0   ? 1
+                                                                                                 : 0;
+    if (size == 0) return 1;
+    row_bytes[k] = shapes[pool][1] * size;
+  }
+  for (int64_t b = 0; b < B; ++b)
+    if (slots[b] < 0 || slots[b] >= shapes[1][0]) return 1;
+  constexpr int64_t kPiece = 1 << 20;  // bytes per work item
+  for (int k = 0; k < K; ++k) {
+    const int64_t pieces = (row_bytes[k] + kPiece - 1) / kPiece;
+    auto *pool = static_cast<char *>(params[1 + k]);
+    const auto *blocks = static_cast<const char *>(params[1 + K + k]);
+    WorkerPool::get().run(B * pieces, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / pieces, first = (item % pieces) * kPiece;
+        const int64_t count = std::min(kPiece, row_bytes[k] - first);
+        std::memcpy(pool + slots[b] * row_bytes[k] + first, blocks + b * row_bytes[k] + first, count);
+      }
+    });
+  }
+  std::memcpy(params[nparam - 1], slots, sizeof(int32_t) * B);
+  return 0;
 }

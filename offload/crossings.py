@@ -1,11 +1,11 @@
 """The ledger of crossings: every transfer between host and device memory, by kind, bytes and phase.
 
-On MindSpore's CPU backend host and device are one memory, so wrapping a numpy array as a launch
-input and reading an output back cost nothing here; on a 310P3 each is a copy over PCIe, and a
-sync. The engine and the offload controller make every such transfer through this ledger, so the
-same code paths count as if the memories were apart: launch inputs that are host arrays (`to_device`),
-outputs read back (`to_host`), and expert blocks copied into slots (`copied`). Inputs that are
-device tensors already (weights, slots, state kept as tensors) are not counted: they do not cross.
+Every such transfer is made by `offload.device.DeviceMemory`, which counts it here at the copy: launch
+inputs that are host arrays (`upload`), outputs read back (`download`), and expert blocks copied into
+slots (`copied`). On MindSpore's CPU backend in the `shared` memory model those cost nothing; in
+`apart`, and on a 310P3, each is a copy (over PCIe on the card), and a read-back a sync; both models
+count the same. Inputs that are device tensors already (weights, the expert pool, state kept as
+tensors) are not counted: they do not cross.
 
 Counts are kept per phase: `prefill` for launches of more than one token, `decode` for one-token
 launches (the engine says which launch is running); a prefetch copy counts in the phase of the
@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-
-import numpy as np
-import mindspore as ms
 
 PHASES = ("prefill", "decode")
 H2D, D2H = "host->device", "device->host"
@@ -59,27 +56,12 @@ class Crossings:
         """One graph launch of the current phase."""
         self.launches[self.phase] += 1
 
-    def to_device(self, kind: str, array: np.ndarray) -> ms.Tensor:
-        """`array` as a launch input: one host->device copy of its bytes."""
-        self._count(kind, H2D, array.nbytes)
-        return ms.Tensor.from_numpy(array)
-
-    def scalar(self, kind: str, value: int) -> ms.Tensor:
-        """A Python int as an int32 launch input (4 bytes)."""
-        self._count(kind, H2D, 4)
-        return ms.Tensor(value, ms.int32)
-
-    def to_host(self, kind: str, tensor: ms.Tensor) -> np.ndarray:
-        """A launch output read back: one device->host copy of its bytes."""
-        array = tensor.asnumpy()
-        self._count(kind, D2H, array.nbytes)
-        return array
-
     def copied(self, kind: str, nbytes: int) -> None:
         """A host->device copy made outside a launch (an expert block into its slot)."""
-        self._count(kind, H2D, nbytes)
+        self.count(kind, H2D, nbytes)
 
-    def _count(self, kind: str, direction: str, nbytes: int) -> None:
+    def count(self, kind: str, direction: str, nbytes: int) -> None:
+        """One transfer of `nbytes` in `direction` (H2D or D2H), in the current phase."""
         with self._lock:
             tally = self.kinds[self.phase].setdefault(kind, Tally(direction))
             if tally.direction != direction:
@@ -129,9 +111,9 @@ def decode_crossings(spec, tiers, greedy: bool = False) -> dict[str, tuple[str, 
     device in today's engine, from the model's shape and the tiers alone (experts on the device, none
     computed on the host, no prefetch; streamed blocks not included). V vocabulary, P rotary dims, K
     experts per token, L layers; a decode token's K experts, one row each, go in the launches
-    `offload.tiers.decode_plan` makes of them, each taking its [G, C] rows and router weights and
-    its [G] counts from the host. Nothing depends on the hidden width or the context length: the
-    hidden state, KV caches and DeltaNet states stay on the device. `greedy`: the head's choice is
+    `offload.tiers.decode_plan` makes of them, each taking its [G, C] rows and router weights, its [G]
+    counts and the [G] pool slots of its experts from the host. Nothing depends on the hidden width or
+    the context length: the hidden state, KV caches and DeltaNet states stay on the device. `greedy`: the head's choice is
     read back (4 bytes), not the logits (`Engine.next_greedy`, what greedy generation uses)."""
     from offload.tiers import decode_plan
 
@@ -139,12 +121,14 @@ def decode_crossings(spec, tiers, greedy: bool = False) -> dict[str, tuple[str, 
     launches = decode_plan(k, tiers)
     shapes = [(tiers[launch.tier_index].group, tiers[launch.tier_index].capacity) for launch in launches]
     rows = layers * sum(2 * g * c * 4 + g * 4 for g, c in shapes)  # token and weight of each row; counts
+    slots = layers * sum(g * 4 for g, _ in shapes)  # the pool slot of each of a launch's experts
     return {
         "token ids": (H2D, 1, 4),
         "rope tables": (H2D, 2, 2 * p * 4),
         "scalars": (H2D, 2, 8),  # tokens in the launch, cached length
         "router choice": (D2H, 2 * layers, layers * k * (4 + 4)),  # top-k weights (f32) and ids (i32)
         "expert rows": (H2D, 3 * layers * len(shapes), rows),
+        "expert slots": (H2D, layers * len(shapes), slots),
         "last row": (H2D, 1, 4),  # the head's row of the launch
         **({"next token": (D2H, 1, 4)} if greedy else {"logits": (D2H, 1, v * 4)}),
     }

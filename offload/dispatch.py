@@ -28,7 +28,7 @@ import numpy as np
 import mindspore as ms
 
 from offload.counters import LayerCounters, OffloadCounters
-from offload.crossings import Crossings
+from offload.device import DeviceMemory, ExpertPool
 from offload.placement import Placement, host_expert
 from offload.tiers import Launch, Tier, TierSet, plan_launches
 
@@ -38,18 +38,20 @@ class ExpertGroupGraphs(Protocol):
 
 
 class ExpertWeights(Protocol):
-    """Gives the device tensors of the experts one launch needs, flat, in the order the tier's
-    expert-group graph takes them after its input (FP32: G gate_up weights, then G down weights)."""
+    """Where the experts are: the device's expert pool (`offload.device.ExpertPool`) and, for one launch,
+    the pool slots [G] int32 of its experts (each block in its slot once `launch_slots` returns)."""
 
-    def launch_weights(self, layer: int, experts: Sequence[int]) -> tuple: ...
+    device_pool: ExpertPool
+
+    def launch_slots(self, layer: int, experts: Sequence[int]) -> np.ndarray: ...
 
 
 class ExpertDispatcher:
     """Runs the routed experts of any layer through the tier graphs (or on the host, by placement)."""
 
-    def __init__(self, spec, tiers: TierSet, weights: ExpertWeights, graphs: ExpertGroupGraphs,
+    def __init__(self, spec, tiers: TierSet, weights: ExpertWeights, graphs: ExpertGroupGraphs, device: DeviceMemory,
                  placement: Placement | None = None, host_store=None, prefetcher=None,
-                 stats: OffloadCounters | None = None, crossings: Crossings | None = None):
+                 stats: OffloadCounters | None = None):
         self.spec = spec
         self.tiers = tiers
         self.weights = weights
@@ -61,7 +63,8 @@ class ExpertDispatcher:
         self.host_store = host_store
         self.prefetcher = prefetcher
         self.stats = stats or OffloadCounters.create(spec.num_layers, tiers)
-        self.crossings = crossings or Crossings()  # the engine's launches count theirs here too
+        self.device = device
+        self.crossings = device.ledger  # the engine's launches count theirs here too
         self._resident = getattr(weights, "is_resident", None)
 
     def run(self, layer: int, hidden: ms.Tensor, x: ms.Tensor, weights: np.ndarray, experts: np.ndarray) -> ms.Tensor:
@@ -115,7 +118,7 @@ class ExpertDispatcher:
             return
         if self.prefetcher.error is not None:
             raise RuntimeError(f"the prefetch thread failed: {self.prefetcher.error!r}") from self.prefetcher.error
-        self.prefetcher.hint(layer, self.crossings.to_host("prefetch input", x)[:n])
+        self.prefetcher.hint(layer, self.device.download("prefetch input", x)[:n])
 
     def _group(self, tier_index: int, tokens: int) -> Callable:
         graph = self._groups.get((tier_index, tokens))
@@ -137,15 +140,15 @@ class ExpertDispatcher:
             counts[g] = piece.count
         experts = [piece.expert for piece in launch.pieces]
         experts += [experts[0]] * (tier.group - len(experts))  # padding slots reuse a resident expert
-        weights = self.weights.launch_weights(layer, experts)
+        slots = self.weights.launch_slots(layer, experts)  # [G]
         if hint:  # the layer's last launch has its slots: prefetching can no longer evict them
             self._hint(layer, x, n)
-        c = self.crossings
-        hidden = self._group(launch.tier_index, hidden.shape[0])(
-            hidden, x, c.to_device("expert rows", rows), c.to_device("expert rows", row_scale),
-            c.to_device("expert rows", counts), *weights)  # [T, H]
-        c.launched()
+        d, pool = self.device, self.weights.device_pool
         carried = int(counts.sum())
+        hidden = self._group(launch.tier_index, hidden.shape[0])(
+            hidden, x, d.upload("expert rows", rows), d.upload("expert rows", row_scale),
+            d.upload("expert rows", counts), d.upload("expert slots", slots), *pool.tensors)  # [T, H]
+        self.crossings.launched()
         per_layer = self.stats.layers[layer]
         per_layer.launches[launch.tier_index] += 1
         per_layer.tokens[launch.tier_index] += carried
@@ -155,9 +158,9 @@ class ExpertDispatcher:
     def _add_host_experts(self, layer, on_host, hidden, x, n, order, starts, loads, scale, k) -> ms.Tensor:
         """Compute `on_host` experts in numpy from the host store and add them to `hidden`: the MoE
         input and the hidden state cross to the host and the sum crosses back."""
-        c = self.crossings
-        x_host = c.to_host("host expert input", x)[:n]  # [N, H]
-        total = c.to_host("hidden out", hidden)  # [T, H]
+        d = self.device
+        x_host = d.download("host expert input", x)[:n]  # [N, H]
+        total = d.download("hidden out", hidden)  # [T, H]
         for expert in on_host:
             rows = order[starts[expert] : starts[expert] + loads[expert]]  # flat (token, choice) indices
             self.host_store.verify_once(layer, expert)
@@ -165,19 +168,38 @@ class ExpertDispatcher:
             total[rows // k] += y * scale[rows, None]  # an expert holds a token once
             self.stats.layers[layer].host_experts += 1
             self.stats.layers[layer].host_tokens += len(rows)
-        return c.to_device("hidden in", total)
+        return d.upload("hidden in", total)
 
 
 class ResidentExperts:
-    """Every expert resident: one pair of tensors per expert, wrapping host arrays without copies."""
+    """Every expert resident, from FP32 arrays in memory (an HF checkpoint read whole: the reference engine):
+    the arrays laid out as an FP32 expert store in host memory, placed on the device as a store is."""
 
-    def __init__(self, layers: Sequence[tuple[np.ndarray, np.ndarray]]):
-        # layers[i] = (gate_up [E, 2I, H], down [E, H, I]); a slice along E stays contiguous
-        self.tensors = [
-            ([ms.Tensor.from_numpy(g) for g in gate_up], [ms.Tensor.from_numpy(d) for d in down])
-            for gate_up, down in layers
-        ]
+    def __init__(self, spec, layers: Sequence[tuple[np.ndarray, np.ndarray]], device: DeviceMemory):
+        # layers[i] = (gate_up [E, 2I, H], down [E, H, I])
+        self.blocks = BlockArray(spec, layers)
+        self.device_pool = device.store_pool(self.blocks, self.blocks.buffer)
 
-    def launch_weights(self, layer: int, experts: Sequence[int]) -> tuple:
-        gate_up, down = self.tensors[layer]
-        return tuple(gate_up[e] for e in experts) + tuple(down[e] for e in experts)
+    def launch_slots(self, layer: int, experts: Sequence[int]) -> np.ndarray:
+        return np.array([layer * self.blocks.num_experts + int(e) for e in experts], np.int32)
+
+
+class BlockArray:
+    """Expert blocks in host memory, [L * E, stride] bytes in the FP32 block layout (`artifact.store`): a
+    `BlockSource` like the store file, for experts that come from arrays rather than an artifact."""
+
+    def __init__(self, spec, layers: Sequence[tuple[np.ndarray, np.ndarray]]):
+        from artifact.store import block_bytes, block_layout, block_stride
+
+        self.parts = block_layout(spec, "fp32")
+        self.block_bytes = block_bytes(self.parts)
+        self.num_layers, self.num_experts = len(layers), spec.num_experts
+        self.buffer = np.zeros((self.num_layers * self.num_experts, block_stride(self.parts)), np.uint8)
+        for layer, arrays in enumerate(layers):
+            for part, array in zip(self.parts, arrays):  # gate_up, down
+                for expert in range(self.num_experts):
+                    row = self.buffer[layer * self.num_experts + expert]
+                    row[part.offset: part.offset + part.nbytes].view(np.float32)[:] = array[expert].ravel()
+
+    def read_into(self, layer: int, expert: int, out: np.ndarray) -> None:
+        out[: self.block_bytes] = self.buffer[layer * self.num_experts + expert, : self.block_bytes]

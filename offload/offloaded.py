@@ -1,16 +1,13 @@
 """Routed experts served from a fixed pool of device slots, streamed from the host store on demand.
 
-Legend: S slots, H hidden, I expert width; a key is `(layer, expert)`.
+Legend: S slots, G experts of a launch; a key is `(layer, expert)`.
 
-The slots are allocated once, at start: one page-aligned buffer `[S, stride]` of bytes, each row
-one block in the artifact's block format (`artifact.store`: the parts of one slot of the
-expert-group graph for the store's dtype, fp32, fp16 or int8 with its scales, at their offsets),
-and each part of each slot wrapped once as a MindSpore tensor (`Tensor.from_numpy` shares the
-buffer, and graphs read whatever the buffer holds when they run). Streaming an expert is one read
-of its block's bytes into its slot (`BlockSource.read_into`); nothing is converted, nothing is
-allocated per token. `SlotPool` decides which key
-lives in which slot and what to evict; this class does the copies, counts, and makes the
-prefetcher's background copies safe:
+The pool is the device's (`offload.device.ExpertPool`, allocated once, at start, in the memory model
+the device config names): S slots in the artifact's block format, which the expert-launch graphs read
+by slot index. Streaming an expert is `ExpertPool.fill`: in `shared` one read of the block's bytes
+into its slot, in `apart` one read into a staging buffer and, before the next launch, the slot-write
+graph's copy into the pool. `SlotPool` decides which key lives in which slot and what to evict; this
+class asks the pool to copy, counts, and makes the prefetcher's background copies safe:
 
 - every pool operation runs under one lock; a prefetch only *reserves* its slot under the lock
   and copies after releasing it, so launches are not held up by copies they do not need;
@@ -22,60 +19,24 @@ prefetcher's background copies safe:
 Why a thread and `threading.Event`s rather than MindSpore's streams: in MindSpore 2.10 on the CPU
 backend, `mindspore.runtime.Stream()` hands back the one CPU stream (logging "CPU device is not
 supported"), `Event()` is not supported, and `Tensor.pin_memory()` fails without the Ascend plugin.
-A `pread` releases the GIL, so the thread copies while a graph runs. On Ascend, the same
-ordering would be a copy stream plus an event per slot, from pinned host blocks.
+A `pread` releases the GIL, so the thread reads while a graph runs. On Ascend, the same ordering
+would be a copy stream plus an event per slot, from pinned staging (see `offload.device`).
 
 Belady's policy needs the future request sequence: `record_requests=True` keeps the keys each
 launch requested (what the pool saw), to replay in a second run.
 """
 from __future__ import annotations
 
-import math
 import threading
 import time
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
-import mindspore as ms
 
 from offload.counters import OffloadCounters
-from offload.crossings import Crossings
+from offload.device import BlockSource, DeviceMemory
 from offload.policies import EvictionPolicy, Key
 from offload.slots import SlotPool
-
-PAGE = 4096
-
-
-class BlockSource(Protocol):
-    """Where streamed blocks come from: the artifact's expert store (`artifact.reader.ExpertStoreReader`).
-
-    `parts` are `artifact.manifest.BlockPart`s (name, dtype, shape, offset): one slot's inputs of the
-    expert-group graph, in the order the graph takes them."""
-
-    parts: tuple
-    block_bytes: int
-    num_layers: int
-    num_experts: int
-
-    def read_into(self, layer: int, expert: int, out: np.ndarray) -> None: ...
-
-
-def aligned_empty(shape: Sequence[int], dtype: str = "float32", align: int = PAGE) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on an `align`-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + align, np.uint8)
-    start = -raw.ctypes.data % align
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
-
-
-def slot_buffers(source: BlockSource, count: int) -> tuple[np.ndarray, list[tuple[np.ndarray, ...]]]:
-    """`count` page-aligned block buffers [count, stride] and, per slot, its parts as array views."""
-    stride = -(-source.block_bytes // PAGE) * PAGE
-    buffer = aligned_empty((count, stride), "uint8")
-    views = [tuple(buffer[s, p.offset : p.offset + p.nbytes].view(p.dtype).reshape(p.shape) for p in source.parts)
-             for s in range(count)]
-    return buffer, views
 
 
 class _Observed(EvictionPolicy):
@@ -103,17 +64,14 @@ class OffloadedExperts:
 
     def __init__(self, store: BlockSource, num_slots: int, policy: EvictionPolicy,
                  counters: OffloadCounters | None = None, record_requests: bool = False,
-                 crossings: Crossings | None = None):
+                 device: DeviceMemory | None = None):
         self.store = store
-        self.crossings = crossings or Crossings()
+        self.device = device or DeviceMemory()
         self.num_slots = num_slots
         self.block_bytes = store.block_bytes
-        self.parts = len(store.parts)
         self.counters = counters or OffloadCounters.create(store.num_layers, ())
         self.requests: list[Key] | None = [] if record_requests else None
-        self.buffer, self._slot_arrays = slot_buffers(store, num_slots)
-        self.buffer.fill(0)  # fault every page in now rather than during the first streams
-        self._slot_tensors = [tuple(ms.Tensor.from_numpy(a) for a in arrays) for arrays in self._slot_arrays]
+        self.device_pool = self.device.expert_pool(store, num_slots)
         self._lock = threading.Lock()
         self._ready = [threading.Event() for _ in range(num_slots)]
         for event in self._ready:
@@ -128,8 +86,8 @@ class OffloadedExperts:
 
     # --- the provider interface -----------------------------------------------------------------
 
-    def launch_weights(self, layer: int, experts: Sequence[int]) -> tuple:
-        """Slot tensors for one launch, part by part: G gate_up, G down (int8: then G of each scale)."""
+    def launch_slots(self, layer: int, experts: Sequence[int]) -> np.ndarray:
+        """The pool slots [G] int32 of one launch's experts, each block in its slot once this returns."""
         keys = [(layer, int(e)) for e in experts]
         unique = list(dict.fromkeys(keys))
         counts = self.counters.layers[layer]
@@ -155,8 +113,8 @@ class OffloadedExperts:
                 stall += time.perf_counter() - start
         counts.stall_s += stall
         self._raise_if_failed()
-        per_slot = [self._slot_tensors[slots[key]] for key in keys]
-        return tuple(tensors[a] for a in range(self.parts) for tensors in per_slot)
+        self.device_pool.commit()  # apart: the slot writes of every block staged so far, before the launch reads them
+        return np.array([slots[key] for key in keys], np.int32)
 
     def is_resident(self, layer: int, expert: int) -> bool:
         """In a slot (or being copied into one by a prefetch)."""
@@ -216,8 +174,7 @@ class OffloadedExperts:
             self.counters.layers[key[0]].prefetch_wasted += 1
 
     def _copy(self, key: Key, slot: int) -> None:
-        self.store.read_into(key[0], key[1], self.buffer[slot])
-        self.crossings.copied("expert block", self.block_bytes)
+        self.device_pool.fill(slot, *key)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

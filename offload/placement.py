@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
-import mindspore as ms
 
 from artifact.store import decode_block
 from kernels.host import host_kernels
-from offload.offloaded import slot_buffers
+from offload.device import DeviceMemory
 from offload.policies import Key
 from offload.tiers import TierSet, split_load
 
@@ -120,42 +119,49 @@ def _fastest(fn: Callable[[int], object], repeats: int) -> float:
     return min(times)
 
 
-def measure_costs(store, tiers: TierSet, expert_group: Callable, tokens: int, repeats: int = 7) -> CostModel:
-    """Time a block read into a slot, host compute at 1 and C_max tokens, and one launch of every tier.
+def measure_costs(store, tiers: TierSet, expert_group: Callable, tokens: int, device: DeviceMemory,
+                  repeats: int = 7) -> CostModel:
+    """Time a block copy into a slot, host compute at 1 and C_max tokens, and one launch of every tier.
 
     `store` is the artifact's expert store (`read_into`, `arrays`); `expert_group(tier, tokens)` gives
-    the tier's graph for launches of `tokens` tokens (e.g. `GraphSet.expert_group`), timed full.
-    Every repeat uses other experts of layer 0 than the one before, so that, as for a real miss, the
-    weights are not already in the CPU's caches; the scratch slots are allocated here and dropped
-    after.
+    the tier's graph for launches of `tokens` tokens (e.g. `GraphSet.expert_group`), timed full; copies
+    are made by `device` as a run makes them (its memory model). Every repeat uses other experts of
+    layer 0 than the one before, so that, as for a real miss, the weights are not already in the CPU's
+    caches; the scratch pool is allocated here and dropped after, and its copies are not counted.
     """
     count = store.num_experts
     group = max(t.group for t in tiers)
     experts = [e % count for e in range(repeats + group + 1)]
-    scratch, views = slot_buffers(store, group)
+    pool = device.expert_pool(store, group)
+    pool.counted = False
+
+    def copy(r: int) -> None:
+        pool.fill(r % group, 0, experts[r])
+        pool.commit()
+
     for g in range(group):
-        store.read_into(0, experts[g], scratch[g])
-    copy_s = _fastest(lambda r: store.read_into(0, experts[r], scratch[r % group]), repeats)
+        copy(g)
+    copy_s = _fastest(copy, repeats)
     blocks = [store.arrays(0, e) for e in experts]
-    hidden = views[0][0].shape[1]
+    hidden = store.parts[0].shape[1]  # gate_up [2I, H]
     rng = np.random.default_rng(0)
     wide = tiers.max_capacity
     x = rng.standard_normal((wide, hidden)).astype(np.float32)
     one = _fastest(lambda r: host_expert(x[:1], blocks[r]), repeats)
     many = _fastest(lambda r: host_expert(x, blocks[r]), repeats)
     per_token = max(many - one, 0.0) / max(wide - 1, 1)
-    tensors = [[ms.Tensor.from_numpy(a) for a in slot] for slot in views]
     launch_s = []
-    state = ms.Tensor.from_numpy(np.zeros((tokens, hidden), np.float32))
-    moe_input = ms.Tensor.from_numpy(rng.standard_normal((tokens, hidden)).astype(np.float32))
+    state = device.tensor(np.zeros((tokens, hidden), np.float32))
+    moe_input = device.tensor(rng.standard_normal((tokens, hidden)).astype(np.float32))
     for tier in tiers:
         graph = expert_group(tier, tokens)
         shape = (tier.group, tier.capacity)
-        rows = ms.Tensor.from_numpy((np.arange(tier.slot_tokens) % tokens).astype(np.int32).reshape(shape))
-        scale = ms.Tensor.from_numpy(np.ones(shape, np.float32))
-        full = ms.Tensor.from_numpy(np.full(tier.group, tier.capacity, np.int32))
-        args = [tensors[g][a] for a in range(len(views[0])) for g in range(tier.group)]
-        launch_s.append(_fastest(lambda r: graph(state, moe_input, rows, scale, full, *args).asnumpy(), repeats))
+        rows = device.tensor((np.arange(tier.slot_tokens) % tokens).astype(np.int32).reshape(shape))
+        scale = device.tensor(np.ones(shape, np.float32))
+        full = device.tensor(np.full(tier.group, tier.capacity, np.int32))
+        slots = device.tensor(np.arange(tier.group, dtype=np.int32))
+        launch_s.append(_fastest(lambda r: graph(state, moe_input, rows, scale, full, slots,
+                                                 *pool.tensors).asnumpy(), repeats))
     return CostModel(copy_s, max(one - per_token, 0.0), per_token, tuple(launch_s), tiers)
 
 

@@ -156,6 +156,9 @@ class Belady(EvictionPolicy):
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {cls.name: cls for cls in (LRU, LFU, DecayedFrequency, Belady)}
+# what a placement that names no policy evicts by, everywhere (conf/placement/*.yaml say it too): decayed
+# frequency streamed least on learned routing (bench/routing.py)
+DEFAULT_POLICY = "decay"
 
 
 def make_policy(name: str, **kwargs) -> EvictionPolicy:

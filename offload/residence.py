@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from offload.policies import DEFAULT_POLICY
+
 AUTO, ALL = "auto", "all"
 
 
@@ -28,7 +30,7 @@ class Residence:
 
     slots: int | None
     total_experts: int
-    policy: str = "lru"
+    policy: str = DEFAULT_POLICY
     prefetch: bool = False
     host_compute: dict = field(default_factory=dict)
 
@@ -60,7 +62,7 @@ def host_compute_config(value) -> dict:
     raise ValueError(f"host_compute must be never, auto or a list of layers, got {value!r}")
 
 
-def decide(budget: float | str, block_bytes: int, room_bytes: int, total_experts: int, policy: str = "lru",
+def decide(budget: float | str, block_bytes: int, room_bytes: int, total_experts: int, policy: str = DEFAULT_POLICY,
            prefetch: bool = False, host_compute="never") -> Residence:
     """The residence of a run whose expert blocks are `block_bytes` each, with `room_bytes` left for them.
 

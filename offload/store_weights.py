@@ -1,40 +1,30 @@
 """`StoreExperts`: the `ExpertWeights` of an artifact's expert store, every expert resident.
 
-Legend: G slots of a launch.
-The store file is memory-mapped; each block's arrays are wrapped as MindSpore tensors without a
-copy (`Tensor.from_numpy` over the mapped pages) the first time the block is launched, after its
-SHA-256 is checked (a corrupted block fails naming its layer and expert). A launch gets the tensors
-in the order the tier's expert-group graph takes them: each block part for the G slots in turn
-(FP32/FP16: G gate_up, G down; INT8: G gate_up, G down, G gate_up_scale, G down_scale).
+Legend: L layers, E experts per layer, G experts of a launch.
+The device's expert pool is the whole store, block (l, e) in slot l * E + e (`DeviceMemory.store_pool`:
+in `shared` the store file mapped in place, in `apart` every block copied to the device at start). A
+launch names its experts' slots; each block's SHA-256 is checked the first time it is launched (a
+corrupted block fails naming its layer and expert).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-import mindspore as ms
+import numpy as np
 
 from artifact.reader import ExpertStoreReader
+from offload.device import DeviceMemory
 
 
 class StoreExperts:
-    def __init__(self, store: ExpertStoreReader, verify: bool = True):
+    def __init__(self, store: ExpertStoreReader, device: DeviceMemory, verify: bool = True):
         self.store = store
         self.verify = verify
-        self.parts = len(store.parts)
-        self._tensors: dict[tuple[int, int], tuple] = {}
+        self.device_pool = device.store_pool(store, store.mapped_blocks())
 
-    def expert(self, layer: int, expert: int) -> tuple:
-        """The block's tensors, in part order."""
-        key = (layer, expert)
-        tensors = self._tensors.get(key)
-        if tensors is None:
-            if self.verify:
-                self.store.verify_once(layer, expert)
-            arrays = self.store.arrays(layer, expert)
-            tensors = tuple(ms.Tensor.from_numpy(arrays[part.name]) for part in self.store.parts)
-            self._tensors[key] = tensors
-        return tensors
-
-    def launch_weights(self, layer: int, experts: Sequence[int]) -> tuple:
-        slots = [self.expert(layer, e) for e in experts]
-        return tuple(slot[part] for part in range(self.parts) for slot in slots)
+    def launch_slots(self, layer: int, experts: Sequence[int]) -> np.ndarray:
+        """The pool slots [G] int32 of one launch's experts."""
+        if self.verify:
+            for expert in experts:
+                self.store.verify_once(layer, int(expert))
+        return np.array([layer * self.store.num_experts + int(e) for e in experts], np.int32)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from artifact.dense import dense_dtype
-from artifact.store import block_bytes, block_layout
+from artifact.store import block_bytes, block_layout, regions
 from model import names
 from model.spec import ModelSpec
 from offload.crossings import decode_crossings
@@ -42,7 +42,7 @@ from offload.tiers import Launch as TierLaunch, TierSet, decode_plan, plan_launc
 
 # layer type -> (its graph's kind, its inputs before the weights: activations, caches, scalars)
 LAYER_GRAPHS = {"full_attention": ("attention", 6), "linear_attention": ("deltanet", 4)}
-EXPERT_INPUTS = 5  # hidden, x, rows, scale, counts before the slots
+EXPERT_INPUTS = 6  # hidden, x, rows, scale, counts, slots before the expert pool's tensors
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,7 @@ def step_launches(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: st
     head = Launch("head", 4, head_bytes, 2.0 * spec.vocab_size * h)
     parts = block_layout(spec, expert_dtype)
     block = block_bytes(parts)
+    pool_tensors = len(regions(parts, block)[0])  # one per storage dtype of a block
     row_flops = 2.0 * 3 * spec.moe_intermediate_size * h  # gate, up, down per routed row
     layers = []
     for layer, kind in enumerate(spec.layer_types):
@@ -133,7 +134,7 @@ def step_launches(spec: ModelSpec, tiers: TierSet, expert_dtype: str, target: st
             flops += 6.0 * tokens * state
         graph_kind, before_weights = LAYER_GRAPHS[kind]
         graph = Launch(graph_kind, before_weights + len(weights), nbytes, flops)
-        experts = [Launch("experts", EXPERT_INPUTS + len(parts) * tiers[p.tier_index].group,
+        experts = [Launch("experts", EXPERT_INPUTS + pool_tensors,
                           len(p.pieces) * block, sum(piece.count for piece in p.pieces) * row_flops) for p in plans]
         layers.append((graph, experts))
     return embed, layers, head

@@ -1,7 +1,36 @@
-"""One place that sets MindSpore up: graph mode, the CPU device, thread count, quiet logs."""
+"""One place that sets MindSpore up: graph mode, the device, thread count, quiet logs; and that says, before
+anything loads, whether this machine has the backend a device config names."""
+import ctypes
 import os
 
 _configured = False
+
+# What each MindSpore backend needs beyond the PyPI wheel (which carries every backend's plugin): the
+# Ascend backend runs on CANN, whose runtime library the driver and toolkit install.
+_REQUIREMENTS = {
+    "Ascend": ("libascendcl.so", "CANN's runtime (libascendcl.so, from the Ascend driver and toolkit)",
+               "install the CANN toolkit and driver for the card, `source /usr/local/Ascend/ascend-toolkit/set_env.sh`, "
+               "and check that `npu-smi info` lists the card"),
+}
+
+
+class BackendMissing(RuntimeError):
+    """The device config names a MindSpore backend this machine cannot run."""
+
+
+def require(backend: str) -> None:
+    """Raise `BackendMissing` naming what is missing and how to check for it, when `backend` cannot run here.
+    The CPU backend always can."""
+    if backend == "CPU":
+        return
+    if backend not in _REQUIREMENTS:
+        raise BackendMissing(f"MindSpore backend {backend!r} is not one Ferry runs on (CPU, Ascend)")
+    library, what, remedy = _REQUIREMENTS[backend]
+    try:
+        ctypes.CDLL(library)
+    except OSError:
+        raise BackendMissing(f"MindSpore's {backend} backend needs {what}, which this machine does not have: "
+                             f"{remedy}") from None
 
 
 def configure(device: str = "CPU", threads: int | None = None) -> None:

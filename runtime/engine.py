@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import mindspore as ms
 
 from artifact.manifest import kv_cache_rows
 from model.spec import ModelSpec
 from graphs.deltanet import CHUNK
 from graphs.layer import ATTENTION_WEIGHTS, DELTANET_WEIGHTS
-from offload.crossings import Crossings
+from offload.device import DeviceMemory
 from offload.dispatch import ExpertDispatcher
 from runtime.graph_set import GraphSet
 
@@ -73,16 +72,16 @@ class SequenceState:
     """Where one sequence stands: its length, and the DeltaNet states (FP32), device tensors each launch
     takes and replaces with its outputs. The KV caches are the engine's (see `Engine`)."""
 
-    def __init__(self, spec: ModelSpec, crossings: Crossings):
-        crossings.sequence_starts()
+    def __init__(self, spec: ModelSpec, device: DeviceMemory):
+        device.ledger.sequence_starts()
         conv_shape = (spec.linear_conv_kernel_dim - 1, spec.conv_dim)
         rec_shape = (spec.linear_num_value_heads, spec.linear_key_head_dim, spec.linear_value_head_dim)
         self.length = 0
         self.conv, self.recurrent = {}, {}
         for layer, kind in enumerate(spec.layer_types):
             if kind == "linear_attention":  # zeros, once per sequence
-                self.conv[layer] = crossings.to_device("state reset", np.zeros(conv_shape, np.float32))
-                self.recurrent[layer] = crossings.to_device("state reset", np.zeros(rec_shape, np.float32))
+                self.conv[layer] = device.upload("state reset", np.zeros(conv_shape, np.float32))
+                self.recurrent[layer] = device.upload("state reset", np.zeros(rec_shape, np.float32))
 
 
 class Engine:
@@ -100,26 +99,29 @@ class Engine:
         self.graphs = graphs
         self.buckets = buckets
         self.max_context = max_context
+        self.device = device = dispatcher.device
         globals_ = weights.global_weights()
-        self.embed_table = ms.Tensor.from_numpy(globals_["embed"])
-        self.final_norm = ms.Tensor.from_numpy(globals_["final_norm"])
-        self.lm_head = ms.Tensor.from_numpy(globals_["lm_head"])
+        self.embed_table = device.resident(globals_["embed"])
+        self.final_norm = device.resident(globals_["final_norm"])
+        # a tied head reads the embedding's tensor: one copy on the device
+        self.lm_head = (self.embed_table if globals_["lm_head"] is globals_["embed"]
+                        else device.resident(globals_["lm_head"]))
         self.layers = []
         for layer, kind in enumerate(spec.layer_types):
             names = ATTENTION_WEIGHTS if kind == "full_attention" else DELTANET_WEIGHTS
             dense = weights.layer_weights(layer)
-            self.layers.append(tuple(ms.Tensor.from_numpy(dense[name]) for name in names))
+            self.layers.append(tuple(device.resident(dense[name]) for name in names))
         rows = kv_cache_rows(max_context, max(buckets.prefill))  # every position a launch (padding too) reaches
         self.cos, self.sin = rope_tables(spec, rows)
         kv_shape = (rows, spec.num_key_value_heads, spec.head_dim)
         attention = [layer for layer, kind in enumerate(spec.layer_types) if kind == "full_attention"]
         # allocated once, before anything is counted (on a card: device memory, cleared there)
-        self.keys = {layer: ms.Tensor(np.zeros(kv_shape, kv_dtype)) for layer in attention}
-        self.values = {layer: ms.Tensor(np.zeros(kv_shape, kv_dtype)) for layer in attention}
-        self.state = SequenceState(spec, dispatcher.crossings)
+        self.keys = {layer: device.zeros(kv_shape, kv_dtype) for layer in attention}
+        self.values = {layer: device.zeros(kv_shape, kv_dtype) for layer in attention}
+        self.state = SequenceState(spec, device)
 
     def reset(self) -> None:
-        self.state = SequenceState(self.spec, self.dispatcher.crossings)
+        self.state = SequenceState(self.spec, self.device)
 
     def close(self) -> None:
         """Stop the dispatcher's background work (the prefetch thread, when there is one)."""
@@ -163,18 +165,19 @@ class Engine:
 
     def _run_launch(self, ids: np.ndarray, tokens: int, out: str) -> np.ndarray:
         """One launch; `out`: "all" logits [N, V], "last" logits [1, V], "greedy" the last one's choice [1]."""
-        n, state, c = ids.size, self.state, self.dispatcher.crossings
+        n, state, d = ids.size, self.state, self.device
+        c = d.ledger
         c.launch(n, decode=tokens == 1)
         attention, deltanet = self.graphs.attention(tokens), self.graphs.deltanet(tokens)
         padded = np.zeros(tokens, np.int32)
         padded[:n] = ids
-        h = self.graphs.embedding(tokens)(c.to_device("token ids", padded), self.embed_table)  # [T, H]
+        h = self.graphs.embedding(tokens)(d.upload("token ids", padded), self.embed_table)  # [T, H]
         c.launched()
         position = state.length
-        cos = c.to_device("rope tables", self.cos[position : position + tokens])  # [T, P]
-        sin = c.to_device("rope tables", self.sin[position : position + tokens])
-        n_valid = c.scalar("scalars", n)
-        cache_len = c.scalar("scalars", position)
+        cos = d.upload("rope tables", self.cos[position : position + tokens])  # [T, P]
+        sin = d.upload("rope tables", self.sin[position : position + tokens])
+        n_valid = d.scalar("scalars", n)
+        cache_len = d.scalar("scalars", position)
         for layer, weights in enumerate(self.layers):
             if layer in self.keys:  # the caches are updated in place: nothing crosses
                 partial, x_moe, top_w, top_e = attention(h, cos, sin, self.keys[layer], self.values[layer], cache_len,
@@ -183,12 +186,12 @@ class Engine:
                 partial, x_moe, top_w, top_e, state.conv[layer], state.recurrent[layer] = deltanet(
                     h, state.conv[layer], state.recurrent[layer], n_valid, *weights)
             c.launched()
-            h = self.dispatcher.run(layer, partial, x_moe, c.to_host("router choice", top_w)[:n],
-                                    c.to_host("router choice", top_e)[:n])  # [T, H], on the device
+            h = self.dispatcher.run(layer, partial, x_moe, d.download("router choice", top_w)[:n],
+                                    d.download("router choice", top_e)[:n])  # [T, H], on the device
         state.length += n
         c.launched()  # the head
         if out == "all":
-            return c.to_host("logits", self.graphs.head(tokens)(h, self.final_norm, self.lm_head)[0])[:n]  # [N, V]
-        row = c.to_device("last row", np.array([n - 1], np.int32))
+            return d.download("logits", self.graphs.head(tokens)(h, self.final_norm, self.lm_head)[0])[:n]  # [N, V]
+        row = d.upload("last row", np.array([n - 1], np.int32))
         logits, choice = self.graphs.last_head(tokens)(h, row, self.final_norm, self.lm_head)  # [1, V], [1]
-        return c.to_host("next token", choice) if out == "greedy" else c.to_host("logits", logits)
+        return d.download("next token", choice) if out == "greedy" else d.download("logits", logits)

@@ -26,7 +26,9 @@ except (ImportError, AttributeError):
 
 from artifact.reader import Artifact
 from kernels.build import VARIABLE, compiled
-from artifact.manifest import ArtifactError, GraphRecord, TierRecord
+from artifact.manifest import ANY, ArtifactError, GraphRecord, TierRecord
+from artifact.store import part_offsets
+from graphs.moe import GROUPS, ExpertLaunch
 from offload.tiers import Tier
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "int8": ms.int8, "int32": ms.int32}
@@ -53,30 +55,36 @@ def check_kernels(artifact: Artifact) -> None:
 
 
 class GraphLaunch:
-    """One loaded graph; calling it checks the arguments and runs it."""
+    """One graph (a loaded `GraphCell`, or a Cell the runtime builds); calling it checks the arguments
+    against the manifest's signature (a dimension ANY takes any size) and runs it."""
 
-    def __init__(self, cell: nn.GraphCell, record: GraphRecord):
+    def __init__(self, cell: nn.Cell, record: GraphRecord):
         self.cell, self.record = cell, record
         self.signature = tuple((tuple(s.shape), _DTYPES[s.dtype]) for s in record.inputs)
-        self._phase: str | None = None  # the compiled phase, once the first call has compiled it
+        # inputs with a dimension ANY (the expert pool): a Cell compiles anew for each size they come in
+        self._sized = tuple(i for i, (shape, _) in enumerate(self.signature) if ANY in shape)
+        self._phases: dict[tuple, str] = {}  # compiled phase by the sizes of those inputs
 
     def __call__(self, *args):
         if len(args) != len(self.signature):
             raise ValueError(f"graph {self.record.name} takes {len(self.signature)} inputs, got {len(args)}")
         for index, (arg, (shape, dtype)) in enumerate(zip(args, self.signature)):
-            if arg.shape != shape or arg.dtype != dtype:
+            if arg.dtype != dtype or len(arg.shape) != len(shape) or any(
+                    want not in (ANY, got) for got, want in zip(arg.shape, shape)):
                 raise ValueError(f"graph {self.record.name} input {index}: expected {dtype} {shape}, "
                                  f"got {arg.dtype} {tuple(arg.shape)}")
         return self.run(args)
 
     def run(self, args: tuple):
-        """Run on arguments of the signature (unchecked): the first call compiles the graph (or finds it
-        compiled, for a graph shared with another artifact) through `GraphCell.__call__`."""
-        if self._phase is not None:
-            return _EXECUTOR(args, self._phase)
+        """Run on arguments of the signature (unchecked): the first call at given sizes compiles the graph
+        (or finds it compiled, for a graph shared with another artifact) through `Cell.__call__`."""
+        sizes = tuple(tuple(args[i].shape) for i in self._sized)
+        phase = self._phases.get(sizes)
+        if phase is not None:
+            return _EXECUTOR(args, phase)
         outputs = self.cell(*args)
         if _EXECUTOR is not None:
-            self._phase = self.cell.compile_phase
+            self._phases[sizes] = self.cell.compile_phase
         return outputs
 
 
@@ -91,7 +99,13 @@ class ExportedGraphs:
 
     def _launch(self, record: GraphRecord) -> GraphLaunch:
         launch = self._loaded.get(record.name)
-        if launch is None:
+        if launch is None and record.file is None:  # a kernel expert group: built here (GraphRecord.file)
+            spec = self.manifest.model
+            group = GROUPS[self.manifest.experts.dtype](record.tier.group, spec.moe_intermediate_size)
+            store = self.manifest.experts
+            offsets = part_offsets(store.parts, store.block_bytes)
+            launch = self._loaded[record.name] = GraphLaunch(ExpertLaunch(group, spec.hidden_size, offsets), record)
+        elif launch is None:
             path = self.artifact.path_of(record.file.path, f"graph {record.name}")
             if not path.is_file():
                 raise ArtifactError(f"{path}: graph file of {record.name} is missing")

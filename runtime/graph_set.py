@@ -11,6 +11,7 @@ import functools
 from dataclasses import replace
 from typing import Callable, Protocol
 
+from artifact.store import block_bytes, block_layout, part_offsets
 from model.spec import ModelSpec
 from graphs.embed_head import Embedding, Head, LastHead
 from graphs.layer import AttentionLayer, DeltaNetLayer
@@ -53,8 +54,11 @@ def _expert_group(slots: int, intermediate: int) -> ExpertGroup:
 
 
 @functools.cache
-def _expert_launch(slots: int, intermediate: int) -> ExpertLaunch:
-    return ExpertLaunch(_expert_group(slots, intermediate))
+def _expert_launch(spec: ModelSpec, slots: int) -> ExpertLaunch:
+    """Over FP32 blocks (`offload.dispatch.BlockArray`: the checkpoint's experts as a store lays them out)."""
+    parts = block_layout(spec, "fp32")
+    return ExpertLaunch(_expert_group(slots, spec.moe_intermediate_size), spec.hidden_size,
+                        part_offsets(parts, block_bytes(parts)))
 
 
 @functools.cache
@@ -96,4 +100,4 @@ class CellGraphs:
         return _last_head(self.spec.rms_norm_eps)
 
     def expert_group(self, tier: Tier, tokens: int) -> ExpertLaunch:
-        return _expert_launch(tier.group, self.spec.moe_intermediate_size)
+        return _expert_launch(self.spec, tier.group)

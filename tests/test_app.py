@@ -301,7 +301,8 @@ def test_plan_of_qwen36_on_the_310p3(tmp_path):
     out = proc.stdout
     assert "qwen36_35b on ascend_310p3 (24.00 GiB), context 32768 tokens, FP16 compute" in out
     assert re.search(r"dense weights\s+4\.56 GiB\s+2\.45 B params", out)
-    assert re.search(r"KV cache\s+640\.0 MiB\s+10 attention layers", out)
+    # 32768 positions plus the largest prefill bucket's padding rows, as the engine allocates them
+    assert re.search(r"KV cache\s+641\.2 MiB\s+10 attention layers x K,V x 32832 rows", out)
     assert re.search(r"DeltaNet state\s+62\.8 MiB\s+30 layers", out)
     assert re.search(r"expert slot pool\s+16\.49 GiB\s+2815 of 10240 experts \(27\.5%\) x 6\.0 MiB", out)
     assert re.search(r"total\s+24\.00 GiB\s+of 24\.00 GiB: fits", out)
@@ -395,14 +396,17 @@ BAD = [
     (["prefill_buckets=[1]"], 2, "prefill_buckets must be a non-empty list of token counts above 1"),
     (["prefill_buckets=[64,16]"], 2, "prefill_buckets must be sorted and distinct"),
     (["prefill_buckets=[16,100]"], 2, "must be below 64 or a multiple of it"),
-    (["device=ascend_310p3"], 2, "can be planned (mode=plan) but not run yet"),
+    (["device=ascend_310p3"], 1, "device=ascend_310p3: MindSpore's Ascend backend needs CANN's runtime (libascendcl.so"),
+    (["device=cpu", "device.memory=both"], 2, "device.memory must be one of ['shared', 'apart'] on the CPU backend"),
+    (["device=ascend_310p3", "device.memory=shared", "mode=plan"], 2,
+     "device.memory must be one of ['apart'] on the Ascend backend, got 'shared'"),
     (["+model=local"], 2, "model.path is required: python run.py +model=local model.path=DIR"),
     (["prompt=hi", "prompt_ids=[1,2]"], 2, "give one of prompt, prompt_file, prompt_ids, not prompt and prompt_ids"),
     (["prompt_file=/no/such/prompt.txt"], 2, "prompt_file=/no/such/prompt.txt: no such file"),
     (["prompt_ids=[5000]"], 2, "prompt_ids [5000] are outside the vocabulary (size 4096)"),
     (["chat=true", "prompt_ids=[1]"], 2, "chat=true needs a text prompt"),
     (["max_context=2"], 2, "the prompt is 3 tokens, longer than max_context=2"),
-    (["device.memory_gb=0.5"], 1, "this run does not fit cpu: cpu has 512.0 MiB; everything but the experts takes 521.4 MiB"),
+    (["device.memory_gb=0.5"], 1, "this run does not fit cpu: cpu has 512.0 MiB; everything but the experts takes 521.5 MiB"),
 ]
 
 

@@ -23,6 +23,7 @@ from convert.cli import main as cli
 from artifact.manifest import (DIGEST_KEY, VERSION, ArtifactError, ManifestError, ManifestVersionError, TierRecord,
                                UnsafePathError, manifest_digest)
 from convert.pipeline import ArtifactExistsError, ConvertOptions, convert
+from offload.device import DeviceMemory
 from offload.store_weights import StoreExperts
 from runtime.build import engine_from_artifact
 
@@ -128,10 +129,10 @@ def test_corrupted_expert_block_names_layer_and_expert(artifact, capsys):
         Artifact.open(artifact, verify="full")
     assert (err.value.layer, err.value.expert) == (2, 5)
     # lazily, at run time: the first launch that needs the block fails, other blocks still serve
-    weights = StoreExperts(Artifact.open(artifact).experts)
-    weights.launch_weights(2, [4, 6])
+    weights = StoreExperts(Artifact.open(artifact).experts, DeviceMemory())
+    weights.launch_slots(2, [4, 6])
     with pytest.raises(ExpertChecksumError, match="layer 2, expert 5"):
-        weights.launch_weights(2, [4, 5])
+        weights.launch_slots(2, [4, 5])
     assert cli(["verify", str(artifact)]) == 1
     printed = capsys.readouterr().out
     assert "layer 2, expert 5" in printed and "FAILED: 1 of" in printed

@@ -15,6 +15,7 @@ from artifact.manifest import TierRecord
 from artifact.reader import Artifact
 from convert.pipeline import ConvertOptions, convert
 from offload.crossings import H2D, decode_crossings, decode_launch_count
+from offload.device import MODELS, DeviceMemory
 from offload.residence import Residence
 from runtime.build import engine_from_artifact
 
@@ -39,17 +40,31 @@ def one_decode_token(engine):
     return engine.dispatcher.crossings
 
 
+@pytest.mark.parametrize("memory", MODELS)
 @pytest.mark.parametrize("slots", [None, 4])
-def test_a_decode_token_crosses_what_the_formula_says(artifact, slots):
+def test_a_decode_token_crosses_what_the_formula_says(artifact, slots, memory, monkeypatch):
+    """In both memory models; in `apart` the expert-block bytes are also summed where the slot-write graph
+    takes the staged blocks, independently of the ledger, and must equal what the ledger counted."""
     spec = Artifact.open(artifact).spec
     residence = None if slots is None else Residence(slots, spec.num_layers * spec.num_experts, "lru")
-    engine = engine_from_artifact(artifact, residence)
+    written = []
+    write_slots = DeviceMemory.write_slots
+    monkeypatch.setattr(DeviceMemory, "write_slots", lambda self, slots, pool, blocks: (
+        written.append(sum(b.nbytes for b in blocks)), write_slots(self, slots, pool, blocks)))
+    engine = engine_from_artifact(artifact, residence, memory=memory)
+    reset = engine.dispatcher.crossings.reset
+    monkeypatch.setattr(engine.dispatcher.crossings, "reset", lambda: (written.clear(), reset()))  # with the ledger
     try:
         crossings = one_decode_token(engine)
         stats = engine.dispatcher.stats.total()
         tiers = engine.dispatcher.tiers
     finally:
         engine.close()
+    if memory == "apart":
+        assert sum(written) == crossings.to_dict()["decode"]["kinds"].get("expert block", {}).get("bytes", 0)
+        assert len(written) == stats.misses
+    else:
+        assert written == []  # shared: blocks are read straight into their slots
     expected = decode_crossings(spec, tiers)
     if slots is not None:  # every miss copies one block into its slot
         block = Artifact.open(artifact).manifest.experts.block_bytes
@@ -63,6 +78,23 @@ def test_a_decode_token_crosses_what_the_formula_says(artifact, slots):
     assert found == expected
     beyond_blocks = sum(b for kind, (_, _, b) in expected.items() if kind != "expert block")
     assert crossings.per_token("decode") == beyond_blocks + expected.get("expert block", (0, 0, 0))[2]
+
+
+def test_shared_and_apart_count_the_same_crossings(artifact):
+    """The two memory models move the same bytes, prefill and decode, streamed experts included."""
+    spec = Artifact.open(artifact).spec
+    ledgers = []
+    for memory in MODELS:
+        engine = engine_from_artifact(artifact, Residence(4, spec.num_layers * spec.num_experts, "lru"), memory=memory)
+        try:
+            engine.forward(PROMPT)
+            engine.forward([7])
+            engine.forward([8])
+            ledgers.append(engine.dispatcher.crossings.to_dict())
+        finally:
+            engine.close()
+    assert ledgers[0]["decode"]["kinds"]["expert block"]["transfers"] > 0
+    assert ledgers[0] == ledgers[1]
 
 
 def test_prefill_tokens_and_phases_are_counted_apart(artifact):

@@ -14,6 +14,7 @@ to run in a process whose kernel cache is elsewhere.
 """
 import json
 import os
+import types
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from mindspore import nn
 
 from checkpoints import TinyShape, load_oracle, write_checkpoint
 from artifact.dense import MATRICES
+from artifact.store import block_bytes, block_layout, part_offsets
 from graphs.common import cpu_kernel
 from graphs.embed_head import LastHead
 from graphs.layer import ATTENTION_WEIGHTS, DELTANET_WEIGHTS, AttentionLayer, DeltaNetLayer
@@ -36,6 +38,7 @@ from kernels.build import KernelBuildError, build, cache_key, cpu_features
 from kernels.host import PARTS, host_kernels
 from model.names import layer_names
 from model.spec import ModelSpec
+from offload.device import MODELS, DeviceMemory
 
 ROOT = Path(__file__).parents[1]
 
@@ -173,26 +176,57 @@ def test_host_kernels_give_the_graph_result_bit_for_bit(dtype):
         np.testing.assert_array_equal(host.expert(x[slot, :rows], block), graph[slot, :rows])
 
 
+class SlotBlocks:
+    """A `BlockSource` of the given per-slot weights (graph order), block g holding slot g's arrays in the
+    store's block layout: expert pools built by `DeviceMemory` from it hold exactly those weights."""
+
+    def __init__(self, dtype: str, weights: list, slots: int, hidden: int, intermediate: int):
+        shape = types.SimpleNamespace(hidden_size=hidden, moe_intermediate_size=intermediate)
+        self.parts = block_layout(shape, dtype)
+        self.block_bytes = block_bytes(self.parts)
+        self.num_layers, self.num_experts = 1, slots
+        self.arrays = [[weights[p * slots + g] for p in range(len(self.parts))] for g in range(slots)]
+
+    def read_into(self, layer: int, expert: int, out: np.ndarray) -> None:
+        for part, array in zip(self.parts, self.arrays[expert]):
+            out[part.offset: part.offset + part.nbytes] = np.ascontiguousarray(array).view(np.uint8).ravel()
+
+
 @pytest.mark.parametrize("dtype", GROUPS)
 def test_expert_launch_kernel_matches_the_mindspore_fallback(dtype):
-    """A whole ExpertLaunch as one kernel call (gather, experts, weighted scatter-add) against the same
-    Cell on MindSpore's operators: tokens chosen by several slots, a slot with no rows, padding rows
-    naming a token with weight 0 (as the dispatcher sends them), to FP32 rounding."""
+    """A whole ExpertLaunch as one kernel call (gather, experts read from the pool by slot, weighted
+    scatter-add) against the same Cell on MindSpore's operators: tokens chosen by several slots, a slot
+    with no rows, padding rows naming a token with weight 0 (as the dispatcher sends them), experts in
+    slots out of order in a pool larger than the launch, to FP32 rounding; each in both memory models'
+    pool layouts, which give the kernel's result bit for bit."""
     rng = np.random.default_rng(13)
     tokens, hidden, intermediate, capacity, counts = 9, 37, 10, 5, np.array([5, 0, 2], np.int32)
     rows = rng.integers(0, tokens, (3, capacity)).astype(np.int32)
     rows[0], rows[2, :2] = [4, 0, 8, 1, 2], [4, 8]  # tokens 4 and 8 in two slots each
     scale = rng.uniform(0.1, 1, (3, capacity)).astype(np.float32)
     scale[np.arange(capacity)[None, :] >= counts[:, None]] = 0
-    weights, _ = expert_weights(rng, dtype, 3, hidden, intermediate)
-    inputs = [rng.standard_normal((tokens, hidden)).astype(np.float32) for _ in range(2)] + [rows, scale, counts]
-    kernel, fallback = ExpertLaunch(GROUPS[dtype](3, intermediate)), ExpertLaunch(GROUPS[dtype](3, intermediate))
-    fallback.use_kernel = fallback.group.use_kernel = False
+    weights, _ = expert_weights(rng, dtype, 5, hidden, intermediate)
+    source = SlotBlocks(dtype, weights, 5, hidden, intermediate)
+    slots = np.array([4, 0, 2], np.int32)  # the launch's experts sit in these slots of a pool of 5
+    inputs = [rng.standard_normal((tokens, hidden)).astype(np.float32) for _ in range(2)] + [rows, scale, counts, slots]
+    offsets = part_offsets(source.parts, source.block_bytes)
+    kernel = ExpertLaunch(GROUPS[dtype](3, intermediate), hidden, offsets)
+    fallback = ExpertLaunch(GROUPS[dtype](3, intermediate), hidden, offsets)
+    fallback.use_kernel = fallback.group.use_kernel = False  # the operators, multiplying in FP32 as the CPU does
     assert kernel.use_kernel, "the kernel library did not build"
-    ours, theirs = (cell(*map(ms.Tensor, inputs + weights)).asnumpy() for cell in (kernel, fallback))
-    assert np.abs(theirs - inputs[0]).max() > 1, "the experts added something"
-    np.testing.assert_array_equal(ours[[3, 5, 6, 7]], inputs[0][[3, 5, 6, 7]])  # tokens no slot row carries
-    assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    results = {}
+    for memory in MODELS:
+        pool = DeviceMemory(memory).expert_pool(source, 5)
+        for g in range(5):
+            pool.fill(g, 0, g)
+        pool.commit()
+        args = [ms.Tensor(a) for a in inputs] + list(pool.tensors)
+        ours, theirs = results[memory] = tuple(cell(*args).asnumpy() for cell in (kernel, fallback))
+        assert np.abs(theirs - inputs[0]).max() > 1, "the experts added something"
+        np.testing.assert_array_equal(ours[[3, 5, 6, 7]], inputs[0][[3, 5, 6, 7]])  # tokens no slot row carries
+        assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    np.testing.assert_array_equal(results["shared"][0], results["apart"][0])
+    np.testing.assert_array_equal(results["shared"][1], results["apart"][1])
 
 
 def test_host_kernels_reject_inputs_that_do_not_fit():

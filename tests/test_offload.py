@@ -28,7 +28,9 @@ from hypothesis import strategies as st
 from checkpoints import TinyShape, load_oracle, write_checkpoint
 from artifact.reader import Artifact, ExpertChecksumError
 from artifact.manifest import BlockPart, TierRecord
+from artifact.store import part_offsets, regions
 from convert.pipeline import ConvertOptions, convert
+from offload.device import DeviceMemory
 from offload.offloaded import OffloadedExperts
 from offload.placement import host_expert, placement_from_config
 from offload.policies import make_policy
@@ -219,11 +221,12 @@ def test_narrow_blocks_stream_narrow(artifact):
     finally:
         engine.close()
     pool = engine.dispatcher.weights
-    assert pool.buffer.shape == (3, -(-int8 // 4096) * 4096)  # one page-aligned block per slot
+    buffer = pool.device_pool.buffer  # shared: the pool's tensors are views of this host buffer
+    assert buffer.shape == (3, -(-int8 // 4096) * 4096)  # one page-aligned block per slot
     assert engine.dispatcher.stats.total().bytes_streamed == pool.pool.counters.loads * int8
     store = Artifact.open(artifact("split", "int8")).experts
     key, slot = next(iter(pool.pool.resident().items()))
-    assert bytes(pool.buffer[slot, :int8]) == bytes(store.block_bytes_of(*key))
+    assert bytes(buffer[slot, :int8]) == bytes(store.block_bytes_of(*key))
 
 
 def test_split_tiers_split_and_prefetch_hits(artifact):
@@ -269,9 +272,9 @@ def test_corrupted_block_is_named_when_streamed(artifact, tmp_path):
         f.write(b"\x7f")
     engine = offloaded(copy, 3)
     try:
-        engine.dispatcher.weights.launch_weights(0, [2])  # a sound block streams
+        engine.dispatcher.weights.launch_slots(0, [2])  # a sound block streams
         with pytest.raises(ExpertChecksumError, match="layer 0, expert 3"):
-            engine.dispatcher.weights.launch_weights(0, [3])
+            engine.dispatcher.weights.launch_slots(0, [3])
     finally:
         engine.close()
 
@@ -390,31 +393,42 @@ def slot_workloads(draw):
     return slots, draw(st.sampled_from(["lru", "lfu", "decay"])), draw(ops)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(work=slot_workloads())
-def test_slot_provider_invariants_with_concurrent_prefetch(work):
+def slot_arrays(pool, slot: int) -> list[np.ndarray]:
+    """The block in `slot` of a device pool, part by part, read back from the device as a launch finds it."""
+    parts = pool.source.parts
+    _, of_part = regions(parts, pool.block_bytes)
+    arrays = []
+    for part, region, offset in zip(parts, of_part, part_offsets(parts, pool.block_bytes)):
+        row = pool.tensors[region].asnumpy()[slot]
+        arrays.append(row[offset: offset + int(np.prod(part.shape))].reshape(part.shape))
+    return arrays
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(work=slot_workloads(), memory=st.sampled_from(["shared", "apart"]))
+def test_slot_provider_invariants_with_concurrent_prefetch(work, memory):
     """Never more resident than slots, a slot never handed out twice in a launch, and every launch
-    reads exactly its experts' blocks, while a second thread prefetches into the same pool."""
+    finds exactly its experts' blocks in the device pool, while a second thread prefetches into the same
+    pool, in both memory models."""
     slots, policy, ops = work
     store = ToyStore()
-    provider = OffloadedExperts(store, slots, make_policy(policy))
+    provider = OffloadedExperts(store, slots, make_policy(policy), device=DeviceMemory(memory, poison=True))
     for (layer, experts), prefetch in ops:
         thread = None
         if prefetch is not None:
             thread = threading.Thread(target=provider.prefetch, args=prefetch)
             thread.start()
-        weights = provider.launch_weights(layer, experts)
-        g = len(experts)
-        assert len(weights) == 2 * g
-        for i, expert in enumerate(experts):
+        launch = provider.launch_slots(layer, experts)
+        assert launch.shape == (len(experts),) and launch.dtype == np.int32
+        for expert, slot in zip(experts, launch):
             gate_up, down = store.expert_block(layer, expert)
-            assert np.array_equal(weights[i].asnumpy(), gate_up)
-            assert np.array_equal(weights[g + i].asnumpy(), down)
-        by_key = {}
-        for i, expert in enumerate(experts):
-            by_key.setdefault(expert, set()).add(id(weights[i]))
-        assert all(len(ids) == 1 for ids in by_key.values())  # one slot per expert
-        assert len({next(iter(ids)) for ids in by_key.values()}) == len(by_key)  # distinct experts, distinct slots
+            found = slot_arrays(provider.device_pool, int(slot))
+            assert np.array_equal(found[0], gate_up) and np.array_equal(found[1], down)
+        by_expert = {}
+        for expert, slot in zip(experts, launch):
+            by_expert.setdefault(expert, set()).add(int(slot))
+        assert all(len(s) == 1 for s in by_expert.values())  # one slot per expert
+        assert len({next(iter(s)) for s in by_expert.values()}) == len(by_expert)  # distinct experts, distinct slots
         if thread is not None:
             thread.join()
         provider.check_invariants()
